@@ -1,0 +1,173 @@
+"""Checkpoint reading: this project's checkpoints and the reference's, without running pickled code.
+
+Every file goes through ``torch.load(weights_only=True)``, whose unpickler only rebuilds tensors
+and plain containers. The one class allowed besides those is ``argparse.Namespace`` (the reference
+stores its command-line arguments in every checkpoint); a file carrying any other pickled object
+is refused with :class:`CheckpointError` before anything in it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from statten.models.sdt import checkpoint_filter_fn
+
+__all__ = [
+    "CheckpointError",
+    "create_model_from_checkpoint",
+    "load_checkpoint",
+    "model_config_from_checkpoint",
+    "read_checkpoint",
+    "reference_args_to_model_config",
+]
+
+SAFE_GLOBALS = [argparse.Namespace]
+STATE_DICT_KEYS = ("state_dict", "model", "module")
+# Datasets for which the reference's train.py switches the model into dvs_mode.
+REFERENCE_DVS_DATASETS = ("cifar10-dvs", "cifar10-dvs-tet")
+
+PathOrState = str | os.PathLike | Mapping[str, Any]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, is unsafe, or does not fit the model."""
+
+
+def read_checkpoint(path_or_state: PathOrState) -> dict[str, Any]:
+    """Load a checkpoint file (or pass a mapping through) as a dict, refusing unsafe pickles."""
+    if isinstance(path_or_state, Mapping):
+        return dict(path_or_state)
+    path = os.fspath(path_or_state)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist or is not a file")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        match = re.search(r"GLOBAL (\S+)", str(err))
+        culprit = match.group(1) if match else "an object that is not plain data"
+        raise CheckpointError(
+            f"refusing to load {path}: it contains a pickled {culprit}, which could run code; "
+            "statten only reads tensors, plain containers and argparse.Namespace. "
+            "Nothing in the file was executed."
+        ) from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a dict")
+    return dict(checkpoint)
+
+
+def _state_dict_of(checkpoint: Mapping[str, Any], use_ema: bool) -> Mapping[str, torch.Tensor]:
+    keys = ("state_dict_ema", "model_ema") if use_ema else STATE_DICT_KEYS
+    for key in keys:
+        if isinstance(checkpoint.get(key), Mapping):
+            return checkpoint[key]
+    if not use_ema and checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        return checkpoint
+    raise CheckpointError(
+        f"no {'EMA ' if use_ema else ''}weights in checkpoint: none of the keys {keys} holds a "
+        f"state_dict (checkpoint keys: {sorted(checkpoint)})"
+    )
+
+
+def _check_fits(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool) -> None:
+    expected = model.state_dict()
+    shapes = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in state_dict.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    missing = sorted(set(expected) - set(state_dict)) if strict else []
+    unexpected = sorted(set(state_dict) - set(expected)) if strict else []
+    problems = [
+        f"{title} ({len(items)}): {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}"
+        for title, items in (
+            ("shape mismatches", shapes),
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+        )
+        if items
+    ]
+    if problems:
+        raise CheckpointError("checkpoint does not fit the model: " + "; ".join(problems))
+
+
+def load_checkpoint(
+    model: nn.Module, path_or_state: PathOrState, strict: bool = True, use_ema: bool = False
+) -> dict[str, Any]:
+    """Load weights into ``model`` from a statten or reference checkpoint (file or dict).
+
+    Accepts a nested checkpoint (``state_dict`` / ``model`` key, or ``state_dict_ema`` with
+    ``use_ema``) or a bare state_dict; strips ``module.`` / ``_orig_mod.`` prefixes and drops the
+    reference's unused ``talking_heads`` weights. Returns the whole checkpoint dict.
+    Raises :class:`CheckpointError` naming the keys or shapes that differ.
+    """
+    checkpoint = read_checkpoint(path_or_state)
+    state_dict = checkpoint_filter_fn(_state_dict_of(checkpoint, use_ema))
+    target = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    target = getattr(target, "_orig_mod", target)
+    _check_fits(target, state_dict, strict)
+    target.load_state_dict(state_dict, strict=strict)
+    return checkpoint
+
+
+def reference_args_to_model_config(args: argparse.Namespace | Mapping[str, Any]) -> dict[str, Any]:
+    """Model keyword arguments equivalent to what the reference's train.py built from ``args``.
+
+    The reference ignored ``--attention_mode`` (it always trained STAtten) and set ``dvs_mode``
+    from the dataset name; both are reproduced so its checkpoints evaluate as they were trained.
+    """
+    a = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+    try:
+        return {
+            "img_size": int(a["img_size"]),
+            "in_channels": int(a.get("in_channels", 3)),
+            "num_classes": int(a["num_classes"]),
+            "embed_dims": int(a["dim"]),
+            "num_heads": int(a["num_heads"]),
+            "depths": int(a["layer"]),
+            "mlp_ratio": float(a.get("mlp_ratio", 4.0)),
+            "T": int(a["time_steps"]),
+            "chunk_size": int(a.get("chunk_size", 2)),
+            "pooling_stat": str(a["pooling_stat"]),
+            "attention_mode": "STAtten",
+            "spike_mode": str(a.get("spike_mode", "lif")),
+            "dvs_mode": a.get("dataset") in REFERENCE_DVS_DATASETS,
+            "TET": bool(a.get("TET", False)),
+        }
+    except KeyError as err:
+        raise CheckpointError(f"reference checkpoint args lack {err.args[0]!r}") from None
+
+
+def model_config_from_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """The model keyword arguments a checkpoint was trained with (statten or reference format)."""
+    if isinstance(checkpoint.get("model_config"), Mapping):
+        return dict(checkpoint["model_config"])
+    if "args" in checkpoint:
+        return reference_args_to_model_config(checkpoint["args"])
+    raise CheckpointError(
+        "the checkpoint carries no model configuration (neither statten's 'model_config' nor the "
+        "reference's 'args'); build the model yourself and use load_checkpoint"
+    )
+
+
+def create_model_from_checkpoint(
+    path_or_state: PathOrState, use_ema: bool = False, **overrides: Any
+) -> nn.Module:
+    """Build the model a checkpoint describes and load its weights (``overrides`` win)."""
+    from statten.factory import create_model
+
+    checkpoint = read_checkpoint(path_or_state)
+    config = {**model_config_from_checkpoint(checkpoint), **overrides}
+    model = create_model(checkpoint.get("arch", "sdt"), **config)
+    load_checkpoint(model, checkpoint, strict=True, use_ema=use_ema)
+    return model
