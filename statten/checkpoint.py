@@ -27,6 +27,7 @@ __all__ = [
     "model_config_from_checkpoint",
     "read_checkpoint",
     "reference_args_to_model_config",
+    "save_checkpoint",
 ]
 
 SAFE_GLOBALS = [argparse.Namespace]
@@ -171,3 +172,28 @@ def create_model_from_checkpoint(
     model = create_model(checkpoint.get("arch", "sdt"), **config)
     load_checkpoint(model, checkpoint, strict=True, use_ema=use_ema)
     return model
+
+
+def save_checkpoint(checkpoint: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Write ``checkpoint`` atomically: temporary file, fsync, rename, fsync of the directory.
+
+    A crash or a full disk leaves either the previous file or the new one, never a truncated file.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(dict(checkpoint), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -241,7 +241,7 @@ class SpikeDrivenTransformer(nn.Module):
         self.TET = TET
         self.dvs_mode = dvs_mode
         self.patch_embed = SpikingPatchEmbed(in_channels, embed_dims, pooling_stat)
-        drop_rates = torch.linspace(0, drop_path_rate, depths).tolist() if depths else []
+        drop_rates = torch.linspace(0, drop_path_rate, depths, device="cpu").tolist()
         self.block = nn.ModuleList(
             EncoderBlock(
                 embed_dims,
@@ -377,12 +377,15 @@ default_cfgs = generate_default_cfgs({"sdt.untrained": _cfg()})
 
 
 def _create(variant: str, pretrained: bool, **kwargs: Any) -> SpikeDrivenTransformer:
+    # timm's generic ``in_chans`` is this model's ``in_channels``; timm also injects a default.
+    if "in_chans" in kwargs:
+        kwargs.setdefault("in_channels", kwargs.pop("in_chans"))
     return build_model_with_cfg(
         SpikeDrivenTransformer,
         variant,
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
-        kwargs_filter=("num_classes", "in_chans", "img_size"),
+        kwargs_filter=("in_chans",),
         **kwargs,
     )
 

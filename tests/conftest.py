@@ -1,0 +1,36 @@
+"""Shared fixtures: the reference's golden vectors (copied from ../shared/reference/golden)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+DATA = Path(__file__).parent / "data"
+GOLDEN_CASES = ("static_statten", "static_sdt")
+
+
+def golden_model_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Model kwargs of a golden case's ``config`` (reference short names)."""
+    return {
+        "img_size": config["img"],
+        "in_channels": config["cin"],
+        "num_classes": config["ncls"],
+        "embed_dims": config["dim"],
+        "num_heads": config["heads"],
+        "depths": config["depth"],
+        "T": config["T"],
+        "chunk_size": config["chunk"],
+        "pooling_stat": config["pool"],
+        "attention_mode": config["attn"],
+        "spike_mode": config["spike"],
+        "dvs_mode": config["dvs"],
+        "TET": config["tet"],
+    }
+
+
+@pytest.fixture(params=GOLDEN_CASES)
+def golden(request: pytest.FixtureRequest) -> dict[str, Any]:
+    return torch.load(DATA / f"{request.param}.pt", weights_only=True)
