@@ -1,0 +1,223 @@
+"""statten.data: digits, the timm ImageFolder pipeline, epoch-reproducible sampling, errors."""
+
+from __future__ import annotations
+
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import statten
+from statten.data import (
+    DatasetNotFoundError,
+    create_datasets,
+    create_loaders,
+    data_config,
+    set_epoch,
+)
+
+RANDAUGMENT = "rand-m9-n1-mstd0.4-inc1"
+
+
+def digits_cfg(**overrides: object) -> Namespace:
+    return Namespace(**{"dataset": "digits", "batch_size": 32, "seed": 7, **overrides})
+
+
+def batch_order(loader: torch.utils.data.DataLoader) -> list[list[int]]:
+    """The index batches of one pass over ``loader`` (advances its sampler by one epoch)."""
+    return [list(batch) for batch in loader.batch_sampler]
+
+
+@pytest.fixture(scope="module")
+def image_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``root/{train,val}/{cat,dog}/*.png``: 4 tiny random RGB images per class and split."""
+    root = tmp_path_factory.mktemp("folder")
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for label in ("cat", "dog"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(4):
+                pixels = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / label / f"{i}.png")
+    return root
+
+
+def test_digits_shapes_labels_and_normalisation() -> None:
+    train, evaluation = create_datasets(digits_cfg(no_aug=True))
+    assert (len(train), len(evaluation)) == (1437, 360)
+    image, label = evaluation[0]
+    assert image.shape == (1, 32, 32) and image.dtype == torch.float32
+    assert isinstance(label, int)
+    train_images = torch.stack([train[i][0] for i in range(len(train))])
+    assert abs(train_images.mean().item()) < 1e-4
+    assert abs(train_images.std().item() - 1) < 1e-4
+    counts = torch.bincount(evaluation.labels, minlength=10)
+    assert counts.sum() == 360 and counts.min() >= 35  # stratified: about 36 per class
+
+
+def test_digits_data_config_and_channels() -> None:
+    config = data_config(digits_cfg())
+    assert config["input_size"] == (1, 32, 32) and len(config["mean"]) == 1
+    _, evaluation = create_datasets(digits_cfg(in_channels=3, img_size=16))
+    image, _ = evaluation[0]
+    assert image.shape == (3, 16, 16)
+    assert torch.equal(image[0], image[2])
+
+
+def test_digits_split_independent_of_seed() -> None:
+    train_a, eval_a = create_datasets(digits_cfg(seed=1))
+    train_b, eval_b = create_datasets(digits_cfg(seed=2))
+    assert torch.equal(eval_a.images, eval_b.images)
+    assert torch.equal(train_a.labels, train_b.labels)
+    assert torch.equal(eval_a.labels, eval_b.labels)
+
+
+def test_digits_train_augmentation_moves_pixels_eval_does_not() -> None:
+    train, evaluation = create_datasets(digits_cfg())
+    torch.manual_seed(0)
+    assert not torch.equal(train[0][0], train[0][0])
+    assert torch.equal(evaluation[0][0], evaluation[0][0])
+
+
+def test_digits_loaders_batches_and_mixup() -> None:
+    train_loader, eval_loader, mixup_fn = create_loaders(digits_cfg(mixup=0.8, cutmix=1.0))
+    images, targets = next(iter(train_loader))
+    assert images.shape == (32, 1, 32, 32) and targets.dtype == torch.int64
+    mixed, soft = mixup_fn(images, targets)
+    assert mixed.shape == images.shape and soft.shape == (32, 10)
+    assert torch.allclose(soft.sum(1), torch.ones(32))
+    assert len(train_loader) == 1437 // 32  # drop_last
+    assert sum(len(t) for _, t in eval_loader) == 360
+    assert eval_loader.batch_size == 32
+    for name in ("validation_batch_size", "val_batch_size"):
+        assert create_loaders(digits_cfg(**{name: 50}))[1].batch_size == 50
+    assert create_loaders(digits_cfg())[2] is None
+
+
+def test_train_order_of_epoch_k_reproduced_by_fresh_loader() -> None:
+    uninterrupted, _, _ = create_loaders(digits_cfg())
+    orders = [batch_order(uninterrupted) for _ in range(3)]  # epochs 0, 1, 2 without set_epoch
+    assert orders[0] != orders[1] != orders[2]
+    resumed, _, _ = create_loaders(digits_cfg())
+    set_epoch(resumed, 2)
+    assert batch_order(resumed) == orders[2]
+    set_epoch(uninterrupted, 1)
+    assert batch_order(uninterrupted) == orders[1]
+    other_seed, _, _ = create_loaders(digits_cfg(seed=8))
+    assert batch_order(other_seed) != orders[0]
+
+
+def test_resumed_loader_yields_identical_batches() -> None:
+    cfg = digits_cfg(no_aug=True, batch_size=128)
+    uninterrupted, _, _ = create_loaders(cfg)
+    for _ in range(2):
+        batch_order(uninterrupted)
+    resumed, _, _ = create_loaders(cfg)
+    set_epoch(resumed, 2)
+    for (x_a, y_a), (x_b, y_b) in zip(uninterrupted, resumed, strict=True):
+        assert torch.equal(x_a, x_b) and torch.equal(y_a, y_b)
+
+
+def test_distributed_train_ranks_split_the_epoch() -> None:
+    shares = []
+    for rank in (0, 1):
+        cfg = digits_cfg(distributed=True, world_size=2, rank=rank)
+        loader, eval_loader, _ = create_loaders(cfg)
+        set_epoch(loader, 3)
+        shares.append(list(loader.sampler))
+        assert len(eval_loader.sampler) == 180
+    assert len(shares[0]) == len(shares[1]) == 719  # 1437 samples, padded with one repeat
+    assert len(set(shares[0]) | set(shares[1])) == 1437
+
+
+def test_repeated_augmentation_sampler() -> None:
+    loader, _, _ = create_loaders(digits_cfg(aug_repeats=3))
+    epoch_0 = list(loader.sampler)
+    assert epoch_0[0] == epoch_0[1] == epoch_0[2]
+    resumed, _, _ = create_loaders(digits_cfg(aug_repeats=3))
+    set_epoch(resumed, 1)
+    assert list(resumed.sampler) == list(loader.sampler) != epoch_0
+
+
+def test_digits_batch_runs_through_model() -> None:
+    loader, _, _ = create_loaders(digits_cfg(batch_size=2))
+    model = statten.create_model("sdt", in_channels=1, embed_dims=32, num_heads=2, depths=1, T=2)
+    images, _ = next(iter(loader))
+    assert model(images).shape == (2, 10)
+
+
+def test_image_folder_through_timm_pipeline(image_tree: Path) -> None:
+    cfg = Namespace(
+        dataset="",
+        data_dir=str(image_tree),
+        batch_size=4,
+        img_size=32,
+        aa=RANDAUGMENT,
+        reprob=0.25,
+        mixup=0.8,
+        cutmix=1.0,
+        num_classes=2,
+    )
+    train_loader, eval_loader, mixup_fn = create_loaders(cfg)  # val_split "validation" -> val/
+    images, targets = next(iter(train_loader))
+    assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32
+    assert images.min() < 0  # normalised, not in [0, 1]
+    mixed, soft = mixup_fn(images, targets)
+    assert mixed.shape == images.shape and soft.shape == (4, 2)
+    eval_images, eval_targets = next(iter(eval_loader))
+    assert eval_images.shape == (4, 3, 32, 32) and eval_targets.tolist() == [0, 0, 0, 0]
+
+
+def test_image_folder_aug_splits_concatenated(image_tree: Path) -> None:
+    cfg = Namespace(dataset="", data_dir=str(image_tree), batch_size=4, img_size=32, aug_splits=2)
+    images, targets = next(iter(create_loaders(cfg)[0]))
+    assert images.shape == (8, 3, 32, 32)
+    assert torch.equal(targets[:4], targets[4:])
+
+
+@pytest.mark.parametrize("dataset", ["", "imagenet"])
+def test_missing_data_dir_explains_layout(tmp_path: Path, dataset: str) -> None:
+    missing = tmp_path / "imagenet"
+    with pytest.raises(DatasetNotFoundError) as info:
+        create_datasets(Namespace(dataset=dataset, data_dir=str(missing)))
+    message = str(info.value)
+    assert str(missing / "train") in message
+    assert "DIR/train/<class>/*.JPEG" in message and "DIR/val/<class>/*.JPEG" in message
+    assert "--data-dir" in message and "\n" not in message
+
+
+def test_missing_val_split_names_both_candidates(image_tree: Path, tmp_path: Path) -> None:
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "train" / "cat" / "0.png").write_bytes(
+        (image_tree / "train/cat/0.png").read_bytes()
+    )
+    with pytest.raises(DatasetNotFoundError, match=r"validation'? or .*val'"):
+        create_datasets(Namespace(dataset="", data_dir=str(tmp_path), img_size=32))
+
+
+def test_empty_split_folder(tmp_path: Path) -> None:
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    with pytest.raises(DatasetNotFoundError, match="no images in"):
+        create_datasets(Namespace(dataset="", data_dir=str(tmp_path)))
+
+
+@pytest.mark.parametrize("dataset", ["torch/cifar10", "torch/cifar100"])
+def test_cifar_without_download(tmp_path: Path, dataset: str) -> None:
+    with pytest.raises(DatasetNotFoundError, match="--dataset-download") as info:
+        create_datasets(Namespace(dataset=dataset, data_dir=str(tmp_path)))
+    assert str(tmp_path) in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("dataset", ["cifar10-dvs", "ncaltech101"])
+def test_event_datasets_not_supported_yet(dataset: str) -> None:
+    with pytest.raises(DatasetNotFoundError, match="not supported yet"):
+        create_datasets(Namespace(dataset=dataset))
+
+
+def test_unknown_dataset() -> None:
+    with pytest.raises(DatasetNotFoundError, match="unknown dataset 'mnist'"):
+        create_datasets(Namespace(dataset="mnist"))
