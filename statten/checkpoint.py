@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from statten.config import DVS_DATASETS
 from statten.models.sdt import checkpoint_filter_fn
 
 __all__ = [
@@ -32,8 +33,6 @@ __all__ = [
 
 SAFE_GLOBALS = [argparse.Namespace]
 STATE_DICT_KEYS = ("state_dict", "model", "module")
-# Datasets for which the reference's train.py switches the model into dvs_mode.
-REFERENCE_DVS_DATASETS = ("cifar10-dvs", "cifar10-dvs-tet")
 
 PathOrState = str | os.PathLike | Mapping[str, Any]
 
@@ -142,7 +141,7 @@ def reference_args_to_model_config(args: argparse.Namespace | Mapping[str, Any])
             "pooling_stat": str(a["pooling_stat"]),
             "attention_mode": "STAtten",
             "spike_mode": str(a.get("spike_mode", "lif")),
-            "dvs_mode": a.get("dataset") in REFERENCE_DVS_DATASETS,
+            "dvs_mode": a.get("dataset") in DVS_DATASETS,
             "TET": bool(a.get("TET", False)),
         }
     except KeyError as err:

@@ -1,0 +1,79 @@
+"""The ``statten`` command: ``statten train`` and ``statten test``.
+
+Errors a user can fix (bad configuration, missing data, unusable checkpoint, diverging training)
+print one line and exit with status 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from statten.checkpoint import CheckpointError
+from statten.config import ConfigError, config_from_dict, parse_config
+from statten.data import DatasetNotFoundError
+from statten.engine.trainer import TrainingError, checkpoint_config
+
+USER_ERRORS = (ConfigError, CheckpointError, DatasetNotFoundError, TrainingError)
+COMMANDS = ("train", "test")
+USAGE = "usage: statten {train,test} [options]   (statten COMMAND --help for the options)"
+
+
+def _train(argv: Sequence[str]) -> Any:
+    from statten.engine.trainer import train
+
+    return train(parse_config(argv, "train"))
+
+
+def _test(argv: Sequence[str]) -> Any:
+    """Configuration: a statten checkpoint's stored config, overridden by the command line."""
+    from statten.engine.tester import test
+
+    cfg = parse_config(argv, "test")
+    if cfg.resume and not getattr(cfg, "config", None):
+        stored = checkpoint_config(cfg.resume)
+        if stored is not None:
+            given = explicit_options(argv, "test")
+            cfg = config_from_dict({**stored, **given, "resume": cfg.resume}, "test")
+    return test(cfg)
+
+
+def explicit_options(argv: Sequence[str], command: str) -> dict[str, Any]:
+    """The options the user actually typed, as resolved values."""
+    defaults = vars(parse_config([], command))
+    typed = vars(parse_config(argv, command))
+    return {key: value for key, value in typed.items() if value != defaults.get(key)}
+
+
+HANDLERS: dict[str, Callable[[Sequence[str]], Any]] = {"train": _train, "test": _test}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        if argv and argv[0] in ("-h", "--help"):
+            print(USAGE)
+            return 0
+        print(USAGE, file=sys.stderr)
+        return 2
+    command, rest = argv[0], argv[1:]
+    try:
+        HANDLERS[command](rest)
+    except USER_ERRORS as err:
+        if "--debug" in rest:
+            raise
+        print(f"statten {command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"statten {command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def entry_point() -> None:
+    """Console-script entry (``statten``)."""
+    raise SystemExit(main())
+
+
+__all__ = ["main"]

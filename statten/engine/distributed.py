@@ -1,0 +1,58 @@
+"""Process-group setup for ``torchrun`` (NCCL on GPUs, Gloo on CPU) and metric reduction."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """Where this process sits: rank, world size and its device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_primary(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> DistributedContext:
+    """Join the process group that ``torchrun`` describes in the environment, if any."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    torch_device = torch.device(device)
+    if torch_device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available")
+        torch_device = torch.device(
+            "cuda", local_rank if world_size > 1 else (torch_device.index or 0)
+        )
+        torch.cuda.set_device(torch_device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch_device.type == "cuda" else "gloo")
+    return DistributedContext(rank, world_size, local_rank, torch_device)
+
+
+def all_reduce_sum(values: torch.Tensor, ctx: DistributedContext) -> torch.Tensor:
+    """Sum a tensor over all ranks (identity in a single process)."""
+    if ctx.distributed:
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def shutdown(ctx: DistributedContext) -> None:
+    if ctx.distributed and dist.is_initialized():
+        dist.destroy_process_group()

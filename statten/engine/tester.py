@@ -1,0 +1,57 @@
+"""``statten test``: evaluate a checkpoint (statten or reference format) on a validation split."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from statten.checkpoint import create_model_from_checkpoint, read_checkpoint
+from statten.config import ConfigError
+from statten.data import create_eval_loader
+from statten.engine.distributed import init_distributed, shutdown
+from statten.engine.evaluate import evaluate
+from statten.engine.trainer import _autocast, with_process_placement
+
+_logger = logging.getLogger("statten.test")
+
+
+def test(cfg: argparse.Namespace) -> dict[str, Any]:
+    """Loss, top-1, top-5 and per-layer per-step firing rates of ``cfg.resume`` on the val split.
+
+    The model is rebuilt from the configuration stored in the checkpoint (statten's
+    ``model_config`` or the reference's ``args``), so evaluation matches training exactly.
+    """
+    if not cfg.resume:
+        raise ConfigError("statten test needs a checkpoint: pass --resume CHECKPOINT")
+    ctx = init_distributed(cfg.device)
+    try:
+        checkpoint = read_checkpoint(cfg.resume)
+        use_ema = bool(getattr(cfg, "model_ema", False)) and "state_dict_ema" in checkpoint
+        model = create_model_from_checkpoint(checkpoint, use_ema=use_ema).to(ctx.device)
+        eval_loader = create_eval_loader(with_process_placement(cfg, ctx), model)
+        metrics = evaluate(model, eval_loader, ctx, _autocast(cfg, ctx.device), True)
+        metrics["checkpoint"] = str(cfg.resume)
+        if ctx.is_primary:
+            _report(metrics)
+            if getattr(cfg, "json", None):
+                Path(cfg.json).write_text(json.dumps(metrics, indent=2))
+        return metrics
+    finally:
+        shutdown(ctx)
+
+
+def _report(metrics: dict[str, Any]) -> None:
+    print(
+        f"{metrics['checkpoint']}: loss {metrics['loss']:.4f}  top1 {metrics['top1']:.2f}%  "
+        f"top5 {metrics['top5']:.2f}%  ({metrics['samples']} samples)"
+    )
+    print("firing rate per time step:")
+    width = max(len(name) for name in metrics["firing_rates"])
+    for name, rates in metrics["firing_rates"].items():
+        print(f"  {name:<{width}}  " + " ".join(f"{r:.3f}" for r in rates))
+
+
+__all__ = ["test"]

@@ -1,0 +1,440 @@
+"""``statten train``: the training loop, crash-safe checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import itertools
+import logging
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from timm.optim import create_optimizer_v2, optimizer_kwargs
+from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad, random_seed
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from statten.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from statten.config import config_to_dict, model_config, save_config
+from statten.data import create_loaders, data_config
+from statten.engine.distributed import DistributedContext, init_distributed, shutdown
+from statten.engine.evaluate import evaluate
+from statten.engine.losses import create_train_criterion
+from statten.factory import create_model
+
+_logger = logging.getLogger("statten.train")
+
+CHECKPOINT_FORMAT = "statten-1"
+LAST = "last.pth.tar"
+BEST = "model_best.pth.tar"
+RECOVERY = "recovery.pth.tar"
+SUMMARY_COLUMNS = ("epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss became non-finite)."""
+
+
+@dataclass
+class Progress:
+    """Where training stands: completed epochs, optimizer steps, batches done in this epoch."""
+
+    epoch: int = 0
+    step: int = 0
+    batch_in_epoch: int = 0
+    best: list[tuple[float, int]] = field(default_factory=list)  # (metric, epoch), best first
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """All random generators that training draws from, as weights-only-loadable values."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *map(float, np_state[2:])),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy(), int(pos), int(has_gauss), cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def with_process_placement(cfg: argparse.Namespace, ctx: DistributedContext) -> argparse.Namespace:
+    """``cfg`` plus this process's place (distributed, world_size, rank) for the data samplers."""
+    return argparse.Namespace(
+        **{
+            **vars(cfg),
+            "distributed": ctx.distributed,
+            "world_size": ctx.world_size,
+            "rank": ctx.rank,
+        }
+    )
+
+
+def _autocast(cfg: argparse.Namespace, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16/fp16 autocast on CUDA when ``--amp`` is set; fp32 everywhere else."""
+    if getattr(cfg, "amp", False) and device.type == "cuda":
+        dtype = (
+            torch.bfloat16 if getattr(cfg, "amp_dtype", "float16") == "bfloat16" else torch.float16
+        )
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+class Trainer:
+    """Owns the model, optimizer, scheduler, loaders and checkpoints of one training run."""
+
+    def __init__(self, cfg: argparse.Namespace, ctx: DistributedContext) -> None:
+        self.cfg = cfg
+        self.ctx = ctx
+        random_seed(cfg.seed, ctx.rank)
+        self.model_config = model_config(cfg)
+        self.model = create_model(cfg.model, **self.model_config).to(ctx.device)
+        if getattr(cfg, "channels_last", False):
+            self.model = self.model.to(memory_format=torch.channels_last)
+        if ctx.distributed and getattr(cfg, "sync_bn", False):
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.optimizer = create_optimizer_v2(self.model, **optimizer_kwargs(cfg))
+        use_fp16 = getattr(cfg, "amp", False) and ctx.device.type == "cuda"
+        use_fp16 = use_fp16 and getattr(cfg, "amp_dtype", "float16") != "bfloat16"
+        self.scaler = NativeScaler(device=ctx.device.type) if use_fp16 else None
+        self.autocast = _autocast(cfg, ctx.device)
+        self.ema = None
+        if getattr(cfg, "model_ema", False):
+            ema_device = "cpu" if getattr(cfg, "model_ema_force_cpu", False) else None
+            self.ema = ModelEmaV3(self.model, decay=cfg.model_ema_decay, device=ema_device)
+        self.progress = Progress()
+        self.output_dir: Path | None = None
+
+    # -- setup ---------------------------------------------------------------------------------
+    def build_data(self) -> None:
+        self.train_loader, self.eval_loader, self.mixup_fn = create_loaders(
+            with_process_placement(self.cfg, self.ctx), self.model
+        )
+        self.criterion = create_train_criterion(self.cfg, self.mixup_fn is not None)
+        self.scheduler, self.num_epochs = create_scheduler_v2(
+            self.optimizer,
+            **scheduler_kwargs(self.cfg),
+            updates_per_epoch=len(self.train_loader),
+        )
+        if self.ctx.distributed:
+            device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
+            self.train_model: nn.Module = DistributedDataParallel(self.model, device_ids=device_ids)
+        else:
+            self.train_model = self.model
+
+    def resume(self, path: str) -> None:
+        """Restore a checkpoint; with ``--no-resume-opt`` only the weights."""
+        checkpoint = load_checkpoint(self.model, path)
+        if (
+            getattr(self.cfg, "no_resume_opt", False)
+            or checkpoint.get("format") != CHECKPOINT_FORMAT
+        ):
+            _logger.info("loaded weights from %s (optimizer state not restored)", path)
+            return
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        if self.scaler is not None and "scaler" in checkpoint:
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        if self.ema is not None and "state_dict_ema" in checkpoint:
+            self.ema.module.load_state_dict(checkpoint["state_dict_ema"])
+        p = checkpoint["progress"]
+        self.progress = Progress(
+            p["epoch"], p["step"], p["batch_in_epoch"], [tuple(b) for b in p["best"]]
+        )
+        restore_rng_state(checkpoint["rng"][min(self.ctx.rank, len(checkpoint["rng"]) - 1)])
+        _logger.info(
+            "resumed from %s at epoch %d, batch %d (step %d)",
+            path, self.progress.epoch, self.progress.batch_in_epoch, self.progress.step,
+        )  # fmt: skip
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _checkpoint(self, metric: float | None) -> dict[str, Any]:
+        rng_states = [capture_rng_state()]
+        if self.ctx.distributed:
+            rng_states = [None] * self.ctx.world_size
+            torch.distributed.all_gather_object(rng_states, capture_rng_state())
+        checkpoint = {
+            "format": CHECKPOINT_FORMAT,
+            "arch": self.cfg.model,
+            "model_config": self.model_config,
+            "config": config_to_dict(self.cfg),
+            "state_dict": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "progress": {
+                "epoch": self.progress.epoch,
+                "step": self.progress.step,
+                "batch_in_epoch": self.progress.batch_in_epoch,
+                "best": [list(b) for b in self.progress.best],
+            },
+            "metric": metric,
+            "rng": rng_states,
+        }
+        if self.scaler is not None:
+            checkpoint["scaler"] = self.scaler.state_dict()
+        if self.ema is not None:
+            checkpoint["state_dict_ema"] = self.ema.module.state_dict()
+        return checkpoint
+
+    def save_recovery(self) -> None:
+        checkpoint = self._checkpoint(metric=None)  # every rank joins the RNG gather
+        if self.ctx.is_primary:
+            save_checkpoint(checkpoint, self.output_dir / RECOVERY)
+
+    def save_epoch(self, metric: float) -> None:
+        """last, the best ``checkpoint_hist`` by the eval metric, model_best; drop recovery."""
+        checkpoint = self._checkpoint(metric)
+        if not self.ctx.is_primary:
+            return
+        save_checkpoint(checkpoint, self.output_dir / LAST)
+        keep = max(int(getattr(self.cfg, "checkpoint_hist", 10)), 1)
+        best = sorted([*self.progress.best, (metric, self.progress.epoch)], key=lambda b: -b[0])
+        if (metric, self.progress.epoch) in best[:keep]:
+            save_checkpoint(
+                checkpoint, self.output_dir / f"checkpoint-{self.progress.epoch}.pth.tar"
+            )
+            if best[0][1] == self.progress.epoch:
+                save_checkpoint(checkpoint, self.output_dir / BEST)
+        for _, epoch in best[keep:]:
+            (self.output_dir / f"checkpoint-{epoch}.pth.tar").unlink(missing_ok=True)
+        self.progress.best = best[:keep]
+        (self.output_dir / RECOVERY).unlink(missing_ok=True)
+
+    # -- loop ----------------------------------------------------------------------------------
+    def train_one_epoch(self, epoch: int) -> float:
+        self.train_model.train()
+        sampler = getattr(self.train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        skip = self.progress.batch_in_epoch
+        rng = capture_rng_state() if skip else None
+        batches = iter(self.train_loader)
+        if rng is not None:  # resuming mid-epoch: skip what was done, keep the random streams
+            for _ in itertools.islice(batches, skip):
+                pass
+            restore_rng_state(rng)
+        total = len(self.train_loader)
+        bar = _progress_bar(self.ctx, total, skip, epoch)
+        loss_sum, seen, start = 0.0, 0, time.time()
+        recovery_every = int(getattr(self.cfg, "recovery_interval", 0) or 0)
+        for images, targets in batches:
+            loss = self.train_step(images, targets)
+            self.progress.batch_in_epoch += 1
+            self.progress.step += 1
+            loss_sum, seen = loss_sum + loss * len(images), seen + len(images)
+            self.scheduler.step_update(num_updates=self.progress.step)
+            bar.update(self.progress.batch_in_epoch, loss, self._lr(), seen / (time.time() - start))
+            if recovery_every and self.progress.step % recovery_every == 0:
+                self.save_recovery()
+        bar.close()
+        return loss_sum / max(seen, 1)
+
+    def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> float:
+        images = images.to(self.ctx.device, non_blocking=True)
+        targets = targets.to(self.ctx.device, non_blocking=True)
+        if getattr(self.cfg, "channels_last", False):
+            images = images.contiguous(memory_format=torch.channels_last)
+        if self.mixup_fn is not None:
+            images, targets = self.mixup_fn(images, targets)
+        with self.autocast:
+            loss = self.criterion(self.train_model(images), targets)
+        self._check_finite(loss)
+        self.optimizer.zero_grad(set_to_none=True)
+        clip = getattr(self.cfg, "clip_grad", None)
+        clip_mode = getattr(self.cfg, "clip_mode", "norm")
+        if self.scaler is not None:
+            self.scaler(loss, self.optimizer, clip_grad=clip, clip_mode=clip_mode,
+                        parameters=self.model.parameters())  # fmt: skip
+        else:
+            loss.backward()
+            if clip is not None:
+                dispatch_clip_grad(self.model.parameters(), value=clip, mode=clip_mode)
+            self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.progress.step)
+        return loss.item()
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        finite = torch.isfinite(loss.detach()).float()
+        if self.ctx.distributed:
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if finite.item() < 1:
+            last = self.output_dir / LAST if self.output_dir else None
+            kept = last if last and last.exists() else "none yet"
+            raise TrainingError(
+                f"loss became non-finite ({loss.item()}) at epoch {self.progress.epoch}, "
+                f"step {self.progress.step}; stopping. Last good checkpoint: {kept}. "
+                "Try a lower --lr or --clip-grad."
+            )
+
+    def _lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def fit(self) -> dict[str, float]:
+        """Train until ``num_epochs``, validating and checkpointing after every epoch."""
+        metrics: dict[str, float] = {}
+        writer = _tensorboard(self.output_dir) if self.ctx.is_primary else None
+        eval_model = self.ema.module if self.ema is not None else self.model
+        eval_metric = getattr(self.cfg, "eval_metric", "top1")
+        for epoch in range(self.progress.epoch, self.num_epochs):
+            train_loss = self.train_one_epoch(epoch)
+            metrics = evaluate(eval_model, self.eval_loader, self.ctx, self.autocast)
+            self.progress.epoch, self.progress.batch_in_epoch = epoch + 1, 0
+            self.scheduler.step(epoch + 1, metrics[eval_metric.removeprefix("eval_")])
+            row = {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "eval_loss": metrics["loss"],
+                "eval_top1": metrics["top1"],
+                "eval_top5": metrics["top5"],
+                "lr": self._lr(),
+            }
+            if self.ctx.is_primary:
+                _append_summary(self.output_dir / "summary.csv", row)
+                for key, value in row.items():
+                    if key != "epoch":
+                        writer.add_scalar(key, value, epoch)
+                writer.flush()
+                _logger.info(
+                    "epoch %d: train_loss %.4f eval_loss %.4f top1 %.2f top5 %.2f lr %.3g",
+                    *row.values(),
+                )
+            self.save_epoch(metrics[eval_metric.removeprefix("eval_")])
+        if writer is not None:
+            writer.close()
+        return metrics
+
+
+class _progress_bar:
+    """tqdm bar on the primary rank when attached to a terminal; periodic log lines otherwise."""
+
+    def __init__(self, ctx: DistributedContext, total: int, initial: int, epoch: int) -> None:
+        self.enabled = ctx.is_primary
+        self.total = total
+        self.epoch = epoch
+        self.bar = None
+        self.interval = max(total // 10, 1)
+        if self.enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=f"epoch {epoch}", leave=False)
+
+    def update(self, done: int, loss: float, lr: float, images_per_s: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", img_s=f"{images_per_s:.0f}")
+            self.bar.update(done - self.bar.n)
+        elif self.enabled and (done % self.interval == 0 or done == self.total):
+            _logger.info(
+                "epoch %d [%d/%d] loss %.4f lr %.3g %.0f img/s",
+                self.epoch, done, self.total, loss, lr, images_per_s,
+            )  # fmt: skip
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _tensorboard(output_dir: Path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+
+
+def _append_summary(path: Path, row: dict[str, float]) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def _output_dir(cfg: argparse.Namespace) -> Path:
+    """The run directory: the resumed checkpoint's directory, or a new one under ``--output``."""
+    if cfg.resume and not getattr(cfg, "no_resume_opt", False):
+        return Path(cfg.resume).resolve().parent
+    name = cfg.experiment or "-".join(
+        [time.strftime("%Y%m%d-%H%M%S"), cfg.model, str(cfg.dataset).replace("/", "_") or "folder"]
+    )
+    return Path(cfg.output or "./output") / "train" / name
+
+
+def _setup_logging(output_dir: Path | None) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if output_dir is not None:
+        handlers.append(logging.FileHandler(output_dir / "log.txt"))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", handlers=handlers,
+                        force=True)  # fmt: skip
+
+
+def dry_run(cfg: argparse.Namespace) -> dict[str, Any]:
+    """Build model, data config and optimizer without touching data; return a summary."""
+    ctx = DistributedContext(0, 1, 0, torch.device("cpu"))
+    with torch.device("meta"):
+        trainer = Trainer(cfg, ctx)
+    summary = {
+        "model": cfg.model,
+        "model_config": trainer.model_config,
+        "parameters": sum(p.numel() for p in trainer.model.parameters()),
+        "data_config": data_config(cfg, trainer.model),
+        "optimizer": type(trainer.optimizer).__name__,
+    }
+    print(summary)
+    return summary
+
+
+def train(cfg: argparse.Namespace) -> Path:
+    """Run training as configured; returns the run directory."""
+    if getattr(cfg, "dry_run", False):
+        dry_run(cfg)
+        return Path(".")
+    ctx = init_distributed(cfg.device)
+    try:
+        trainer = Trainer(cfg, ctx)
+        trainer.build_data()
+        output_dir = _output_dir(cfg)
+        if ctx.is_primary:
+            output_dir.mkdir(parents=True, exist_ok=True)
+        trainer.output_dir = output_dir
+        _setup_logging(output_dir if ctx.is_primary else None)
+        if cfg.resume:
+            trainer.resume(cfg.resume)
+        if ctx.is_primary:
+            save_config(cfg, output_dir / "args.yaml")
+            _logger.info("training %s on %s; outputs in %s", cfg.model, cfg.dataset, output_dir)
+        metrics = trainer.fit()
+        if ctx.is_primary:
+            _logger.info(
+                "done: eval top1 %.2f%%; checkpoints, summary.csv, args.yaml, log.txt and "
+                "tensorboard/ are in %s", metrics.get("top1", math.nan), output_dir,
+            )  # fmt: skip
+        return output_dir
+    finally:
+        shutdown(ctx)
+
+
+def checkpoint_config(path: str) -> dict[str, Any] | None:
+    """The full training configuration stored in a statten checkpoint (None for other formats)."""
+    checkpoint = read_checkpoint(path)
+    return checkpoint.get("config") if checkpoint.get("format") == CHECKPOINT_FORMAT else None
+
+
+__all__ = ["CHECKPOINT_FORMAT", "Trainer", "TrainingError", "checkpoint_config", "train"]
