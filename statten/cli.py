@@ -1,4 +1,4 @@
-"""The ``statten`` command: ``statten train`` and ``statten test``.
+"""The ``statten`` command and its subcommands (``statten train``, ``statten test``, ...).
 
 Errors a user can fix (bad configuration, missing data, unusable checkpoint, diverging training)
 print one line and exit with status 2; ``--debug`` shows the traceback instead.
@@ -6,6 +6,7 @@ print one line and exit with status 2; ``--debug`` shows the traceback instead.
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -16,8 +17,6 @@ from statten.data import DatasetNotFoundError
 from statten.engine.trainer import TrainingError, checkpoint_config
 
 USER_ERRORS = (ConfigError, CheckpointError, DatasetNotFoundError, TrainingError)
-COMMANDS = ("train", "test")
-USAGE = "usage: statten {train,test} [options]   (statten COMMAND --help for the options)"
 
 
 def _train(argv: Sequence[str]) -> Any:
@@ -46,12 +45,30 @@ def explicit_options(argv: Sequence[str], command: str) -> dict[str, Any]:
     return {key: value for key, value in typed.items() if value != defaults.get(key)}
 
 
-HANDLERS: dict[str, Callable[[Sequence[str]], Any]] = {"train": _train, "test": _test}
+# Subcommand -> handler taking the remaining arguments; "module:function" strings load lazily.
+HANDLERS: dict[str, Callable[[Sequence[str]], Any] | str] = {
+    "train": _train,
+    "test": _test,
+    "data": "statten.data.prepare:main",
+    "profile": "statten.analysis.profile:main",
+    "bench": "statten.bench:main",
+}
+USAGE = (
+    f"usage: statten {{{','.join(HANDLERS)}}} [options]   (statten COMMAND --help for the options)"
+)
+
+
+def _handler(command: str) -> Callable[[Sequence[str]], Any]:
+    handler = HANDLERS[command]
+    if callable(handler):
+        return handler
+    module, function = handler.split(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in COMMANDS:
+    if not argv or argv[0] not in HANDLERS:
         if argv and argv[0] in ("-h", "--help"):
             print(USAGE)
             return 0
@@ -59,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     command, rest = argv[0], argv[1:]
     try:
-        HANDLERS[command](rest)
+        _handler(command)(rest)
     except USER_ERRORS as err:
         if "--debug" in rest:
             raise
