@@ -28,8 +28,11 @@ def _train(argv: Sequence[str]) -> Any:
 def _test(argv: Sequence[str]) -> Any:
     """Configuration: a statten checkpoint's stored config, overridden by the command line."""
     from statten.engine.tester import test
+    from statten.engine.trainer import dry_run
 
     cfg = parse_config(argv, "test")
+    if cfg.dry_run:
+        return dry_run(cfg)
     if cfg.resume and not getattr(cfg, "config", None):
         stored = checkpoint_config(cfg.resume)
         if stored is not None:

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import csv
 import itertools
+import json
 import logging
 import math
 import random
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
-from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad, random_seed
+from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad, distribute_bn, random_seed
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -37,6 +38,7 @@ CHECKPOINT_FORMAT = "statten-1"
 LAST = "last.pth.tar"
 BEST = "model_best.pth.tar"
 RECOVERY = "recovery.pth.tar"
+DIST_BN_MODES = ("broadcast", "reduce")  # sync BatchNorm statistics across ranks before eval
 SUMMARY_COLUMNS = ("epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr")
 
 
@@ -55,25 +57,29 @@ class Progress:
 
 
 def capture_rng_state() -> dict[str, Any]:
-    """All random generators that training draws from, as weights-only-loadable values."""
-    np_state = np.random.get_state()
+    """All random generators that training draws from, as plain Python values.
+
+    Plain values keep checkpoints loadable with ``weights_only=True`` and can be gathered
+    across ranks with ``all_gather_object``.
+    """
+    name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *map(float, np_state[2:])),
-        "torch": torch.get_rng_state(),
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state().tolist(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
     return state
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy(), int(pos), int(has_gauss), cached))
-    torch.set_rng_state(state["torch"])
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
 def with_process_placement(cfg: argparse.Namespace, ctx: DistributedContext) -> argparse.Namespace:
@@ -201,21 +207,20 @@ class Trainer:
 
     def save_epoch(self, metric: float) -> None:
         """last, the best ``checkpoint_hist`` by the eval metric, model_best; drop recovery."""
+        epoch = self.progress.epoch - 1  # the epoch just finished, as in summary.csv
+        keep = max(int(getattr(self.cfg, "checkpoint_hist", 10)), 1)
+        ranking = sorted([*self.progress.best, (metric, epoch)], key=lambda b: -b[0])
+        self.progress.best = ranking[:keep]
         checkpoint = self._checkpoint(metric)
         if not self.ctx.is_primary:
             return
         save_checkpoint(checkpoint, self.output_dir / LAST)
-        keep = max(int(getattr(self.cfg, "checkpoint_hist", 10)), 1)
-        best = sorted([*self.progress.best, (metric, self.progress.epoch)], key=lambda b: -b[0])
-        if (metric, self.progress.epoch) in best[:keep]:
-            save_checkpoint(
-                checkpoint, self.output_dir / f"checkpoint-{self.progress.epoch}.pth.tar"
-            )
-            if best[0][1] == self.progress.epoch:
+        if (metric, epoch) in self.progress.best:
+            save_checkpoint(checkpoint, self.output_dir / f"checkpoint-{epoch}.pth.tar")
+            if ranking[0][1] == epoch:
                 save_checkpoint(checkpoint, self.output_dir / BEST)
-        for _, epoch in best[keep:]:
-            (self.output_dir / f"checkpoint-{epoch}.pth.tar").unlink(missing_ok=True)
-        self.progress.best = best[:keep]
+        for _, dropped in ranking[keep:]:
+            (self.output_dir / f"checkpoint-{dropped}.pth.tar").unlink(missing_ok=True)
         (self.output_dir / RECOVERY).unlink(missing_ok=True)
 
     # -- loop ----------------------------------------------------------------------------------
@@ -296,6 +301,8 @@ class Trainer:
         eval_metric = getattr(self.cfg, "eval_metric", "top1")
         for epoch in range(self.progress.epoch, self.num_epochs):
             train_loss = self.train_one_epoch(epoch)
+            if self.ctx.distributed and getattr(self.cfg, "dist_bn", "reduce") in DIST_BN_MODES:
+                distribute_bn(self.model, self.ctx.world_size, self.cfg.dist_bn == "reduce")
             metrics = evaluate(eval_model, self.eval_loader, self.ctx, self.autocast)
             self.progress.epoch, self.progress.batch_in_epoch = epoch + 1, 0
             self.scheduler.step(epoch + 1, metrics[eval_metric.removeprefix("eval_")])
@@ -387,8 +394,8 @@ def _setup_logging(output_dir: Path | None) -> None:
 
 def dry_run(cfg: argparse.Namespace) -> dict[str, Any]:
     """Build model, data config and optimizer without touching data; return a summary."""
-    ctx = DistributedContext(0, 1, 0, torch.device("cpu"))
-    with torch.device("meta"):
+    ctx = DistributedContext(0, 1, 0, torch.device("meta"))  # shapes only, no memory
+    with ctx.device:
         trainer = Trainer(cfg, ctx)
     summary = {
         "model": cfg.model,
@@ -397,38 +404,51 @@ def dry_run(cfg: argparse.Namespace) -> dict[str, Any]:
         "data_config": data_config(cfg, trainer.model),
         "optimizer": type(trainer.optimizer).__name__,
     }
-    print(summary)
+    print(json.dumps(summary, indent=2, default=str))
     return summary
 
 
-def train(cfg: argparse.Namespace) -> Path:
-    """Run training as configured; returns the run directory."""
-    if getattr(cfg, "dry_run", False):
-        dry_run(cfg)
-        return Path(".")
+def run_training(cfg: argparse.Namespace) -> Trainer:
+    """Run training as configured and return the finished :class:`Trainer`."""
     ctx = init_distributed(cfg.device)
     try:
         trainer = Trainer(cfg, ctx)
         trainer.build_data()
-        output_dir = _output_dir(cfg)
+        trainer.output_dir = _output_dir(cfg)
         if ctx.is_primary:
-            output_dir.mkdir(parents=True, exist_ok=True)
-        trainer.output_dir = output_dir
-        _setup_logging(output_dir if ctx.is_primary else None)
+            trainer.output_dir.mkdir(parents=True, exist_ok=True)
+            _remove_stale_temporaries(trainer.output_dir)
+        _setup_logging(trainer.output_dir if ctx.is_primary else None)
         if cfg.resume:
             trainer.resume(cfg.resume)
         if ctx.is_primary:
-            save_config(cfg, output_dir / "args.yaml")
-            _logger.info("training %s on %s; outputs in %s", cfg.model, cfg.dataset, output_dir)
+            save_config(cfg, trainer.output_dir / "args.yaml")
+            _logger.info(
+                "training %s on %s; outputs in %s", cfg.model, cfg.dataset, trainer.output_dir
+            )
         metrics = trainer.fit()
         if ctx.is_primary:
             _logger.info(
                 "done: eval top1 %.2f%%; checkpoints, summary.csv, args.yaml, log.txt and "
-                "tensorboard/ are in %s", metrics.get("top1", math.nan), output_dir,
+                "tensorboard/ are in %s", metrics.get("top1", math.nan), trainer.output_dir,
             )  # fmt: skip
-        return output_dir
+        return trainer
     finally:
         shutdown(ctx)
+
+
+def train(cfg: argparse.Namespace) -> Path | None:
+    """``statten train``: returns the run directory (None for ``--dry-run``)."""
+    if getattr(cfg, "dry_run", False):
+        dry_run(cfg)
+        return None
+    return run_training(cfg).output_dir
+
+
+def _remove_stale_temporaries(output_dir: Path) -> None:
+    """Drop half-written checkpoint files left by a process killed while saving."""
+    for stale in output_dir.glob("*.pth.tar.tmp-*"):
+        stale.unlink(missing_ok=True)
 
 
 def checkpoint_config(path: str) -> dict[str, Any] | None:
@@ -437,4 +457,12 @@ def checkpoint_config(path: str) -> dict[str, Any] | None:
     return checkpoint.get("config") if checkpoint.get("format") == CHECKPOINT_FORMAT else None
 
 
-__all__ = ["CHECKPOINT_FORMAT", "Trainer", "TrainingError", "checkpoint_config", "train"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "Trainer",
+    "TrainingError",
+    "checkpoint_config",
+    "dry_run",
+    "run_training",
+    "train",
+]

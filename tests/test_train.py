@@ -1,0 +1,215 @@
+"""statten train / statten test end to end on the embedded digits (CPU, small models)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from statten.checkpoint import read_checkpoint
+from statten.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).parent / "data"
+# The digits recipe's model on batches of 64: an epoch is 22 steps, about 2 s on 2 cores.
+SMALL = [
+    "--dim", "64", "--num-heads", "8", "--layer", "1", "--img-size", "16",
+    "--batch-size", "64", "--workers", "0", "--device", "cpu", "--warmup-epochs", "0",
+]  # fmt: skip
+
+
+def train(tmp_path: Path, *args: str, name: str = "run") -> Path:
+    assert main(["train", *SMALL, "--output", str(tmp_path), "--experiment", name, *args]) == 0
+    return tmp_path / "train" / name
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return read_checkpoint(path)["state_dict"]
+
+
+def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_default_recipe_learns_digits_on_a_short_budget(tmp_path: Path) -> None:
+    """The default recipe (statten train with no arguments) trimmed to 6 epochs."""
+    args = ["--epochs", "6", "--output", str(tmp_path), "--experiment", "default"]
+    assert main(["train", "--device", "cpu", *args]) == 0
+    run = tmp_path / "train" / "default"
+    rows = (run / "summary.csv").read_text().splitlines()
+    assert rows[0] == "epoch,train_loss,eval_loss,eval_top1,eval_top5,lr"
+    assert len(rows) == 7
+    assert float(rows[-1].split(",")[3]) >= 90.0
+    for name in ("args.yaml", "log.txt", "last.pth.tar", "model_best.pth.tar"):
+        assert (run / name).is_file(), name
+    assert any((run / "tensorboard").iterdir())
+    checkpoint = read_checkpoint(run / "last.pth.tar")
+    assert checkpoint["config"]["dataset"] == "digits"
+    assert checkpoint["model_config"]["embed_dims"] == 64
+
+
+def test_resume_reproduces_an_uninterrupted_run_bit_for_bit(tmp_path: Path) -> None:
+    straight = train(tmp_path / "a", "--epochs", "2", "--checkpoint-hist", "2")
+    resumed_dir = tmp_path / "b"
+    resumed_dir.mkdir()
+    shutil.copy(straight / "checkpoint-0.pth.tar", resumed_dir / "after-epoch-0.pth.tar")
+    resume = ["--resume", str(resumed_dir / "after-epoch-0.pth.tar")]
+    assert main(["train", *SMALL, "--epochs", "2", "--checkpoint-hist", "2", *resume]) == 0
+    a, b = read_checkpoint(straight / "last.pth.tar"), read_checkpoint(resumed_dir / "last.pth.tar")
+    assert a["progress"] == b["progress"]
+    assert_identical(a["state_dict"], b["state_dict"])
+    for x, y in zip(
+        a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True
+    ):
+        assert_identical(x, y)
+
+
+def test_sigkill_mid_epoch_resumes_from_recovery_and_never_truncates(tmp_path: Path) -> None:
+    statten = shutil.which("statten", path=str(Path(sys.executable).parent))
+    run = tmp_path / "train" / "killed"
+    args = [*SMALL, "--epochs", "2", "--recovery-interval", "5", "--output", str(tmp_path)]
+    process = subprocess.Popen(
+        [statten, "train", *args, "--experiment", "killed"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while not (run / "recovery.pth.tar").exists():
+            assert process.poll() is None, "training ended before writing a recovery checkpoint"
+            assert time.time() < deadline
+            time.sleep(0.05)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait()
+    for path in run.glob("*.pth.tar"):
+        read_checkpoint(path)  # raises on a truncated file
+    recovery = read_checkpoint(run / "recovery.pth.tar")
+    assert recovery["progress"]["batch_in_epoch"] > 0
+    assert main(["train", *SMALL, "--epochs", "2", "--resume", str(run / "recovery.pth.tar")]) == 0
+    final = read_checkpoint(run / "last.pth.tar")
+    assert final["progress"]["epoch"] == 2
+    assert not (run / "recovery.pth.tar").exists()
+    assert not list(run.glob("*.tmp-*"))
+
+
+def test_two_process_ddp_on_cpu_ends_with_identical_weights(tmp_path: Path) -> None:
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        str(Path(__file__).parent / "ddp_worker.py"), str(tmp_path),
+        *SMALL, "--epochs", "1", "--dist-bn", "reduce",
+        "--output", str(tmp_path), "--experiment", "ddp",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert_identical(rank0, rank1)
+    assert (tmp_path / "train" / "ddp" / "last.pth.tar").is_file()
+
+
+RECIPES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "conf").glob("*/*.yml"))
+SEED_FLAGS = ["--model", "sdt", "--spike-mode", "lif", "--attention_mode", "STAtten"]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_reference_seed_command_lines_parse_and_build(
+    recipe: str, capsys: pytest.CaptureFixture
+) -> None:
+    config = str(ROOT / recipe)
+    assert main(["train", "-c", config, *SEED_FLAGS, "--local-rank=0", "--dry-run"]) == 0
+    assert main(["train", "-c", config, *SEED_FLAGS, "--local_rank", "0", "--dry-run"]) == 0
+    test_line = ["-c", config, *SEED_FLAGS, "--resume", "CKPT", "--no-resume-opt", "--dry-run"]
+    assert main(["test", *test_line]) == 0
+    assert '"parameters"' in capsys.readouterr().out
+
+
+def test_torch_distributed_launch_seed_line_runs(tmp_path: Path) -> None:
+    command = [
+        sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node=1",
+        str(ROOT / "train.py"), "-c", str(ROOT / "conf/cifar10/2_512_200E_t4.yml"),
+        *SEED_FLAGS, "--dry-run",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert '"embed_dims": 512' in result.stdout
+
+
+def test_reference_checkpoint_evaluates_through_statten_test(tmp_path: Path) -> None:
+    report = tmp_path / "metrics.json"
+    checkpoint = str(DATA / "static_statten_official_format.pth.tar")
+    args = ["--resume", checkpoint, "--dataset", "digits", "--img-size", "32"]
+    args += ["--in-channels", "3", "--device", "cpu", "--json", str(report)]
+    assert main(["test", *args]) == 0
+    import json
+
+    metrics = json.loads(report.read_text())
+    assert metrics["samples"] == 360
+    assert 0 <= metrics["top1"] <= 100 and metrics["top5"] >= metrics["top1"]
+    rates = metrics["firing_rates"]
+    assert "block.1.attn.attn_lif" in rates and len(rates["head_lif"]) == 4
+
+
+def test_statten_test_of_own_checkpoint_needs_no_config(tmp_path: Path) -> None:
+    run = train(tmp_path, "--epochs", "1")
+    report = tmp_path / "metrics.json"
+    assert main(["test", "--resume", str(run / "last.pth.tar"), "--json", str(report)]) == 0
+    import json
+
+    metrics = json.loads(report.read_text())
+    summary = (run / "summary.csv").read_text().splitlines()[-1].split(",")
+    assert metrics["top1"] == pytest.approx(float(summary[3]))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--lr", "-0.1"], "lr must be >= 0"),
+        (["--batch-size", "0"], "batch_size must be >= 1"),
+        (["--time-steps", "4", "--chunk-size", "3"], "not divisible by chunk_size=3"),
+        (["--dataset", "imagenet", "--data-dir", "/nonexistent"], "/nonexistent"),
+        (["--mlp_ratoi", "4"], "mlp-ratio"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture, args: list[str], message: str
+) -> None:
+    assert main(["train", *SMALL, "--output", str(tmp_path), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("statten train: error:") and message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_mismatched_checkpoint_names_the_difference(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    checkpoint = str(DATA / "static_statten_official_format.pth.tar")
+    assert main(["train", *SMALL, "--output", str(tmp_path), "--resume", checkpoint]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit the model" in err and "patch_embed.proj_conv.weight" in err
+    with pytest.raises(Exception, match="does not fit"):
+        main(["train", *SMALL, "--output", str(tmp_path), "--resume", checkpoint, "--debug"])
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = train(tmp_path, "--epochs", "1")
+    good = weights(run / "last.pth.tar")
+
+    def diverging(cfg, mixup_active):
+        return lambda logits, target: logits.sum() * float("nan")
+
+    monkeypatch.setattr("statten.engine.trainer.create_train_criterion", diverging)
+    assert main(["train", *SMALL, "--epochs", "2", "--resume", str(run / "last.pth.tar")]) == 2
+    err = capsys.readouterr().err
+    assert "non-finite" in err and "last.pth.tar" in err
+    assert_identical(weights(run / "last.pth.tar"), good)
