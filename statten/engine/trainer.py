@@ -146,13 +146,10 @@ class Trainer:
         else:
             self.train_model = self.model
 
-    def resume(self, path: str) -> None:
-        """Restore a checkpoint; with ``--no-resume-opt`` only the weights."""
-        checkpoint = load_checkpoint(self.model, path)
-        if (
-            getattr(self.cfg, "no_resume_opt", False)
-            or checkpoint.get("format") != CHECKPOINT_FORMAT
-        ):
+    def resume(self, checkpoint: dict[str, Any], path: str) -> None:
+        """Restore a checkpoint read from ``path``; with ``--no-resume-opt`` only the weights."""
+        load_checkpoint(self.model, checkpoint)
+        if not continues_run(self.cfg, checkpoint):
             _logger.info("loaded weights from %s (optimizer state not restored)", path)
             return
         self.optimizer.load_state_dict(checkpoint["optimizer"])
@@ -374,9 +371,18 @@ def _append_summary(path: Path, row: dict[str, float]) -> None:
         writer.writerow(row)
 
 
-def _output_dir(cfg: argparse.Namespace) -> Path:
-    """The run directory: the resumed checkpoint's directory, or a new one under ``--output``."""
-    if cfg.resume and not getattr(cfg, "no_resume_opt", False):
+def continues_run(cfg: argparse.Namespace, checkpoint: dict[str, Any] | None) -> bool:
+    """True when resuming a statten run (optimizer, schedule, RNG), not just loading weights."""
+    return (
+        checkpoint is not None
+        and checkpoint.get("format") == CHECKPOINT_FORMAT
+        and not getattr(cfg, "no_resume_opt", False)
+    )
+
+
+def _output_dir(cfg: argparse.Namespace, checkpoint: dict[str, Any] | None) -> Path:
+    """The run directory: the resumed run's own directory, or a new one under ``--output``."""
+    if continues_run(cfg, checkpoint):
         return Path(cfg.resume).resolve().parent
     name = cfg.experiment or "-".join(
         [time.strftime("%Y%m%d-%H%M%S"), cfg.model, str(cfg.dataset).replace("/", "_") or "folder"]
@@ -414,13 +420,14 @@ def run_training(cfg: argparse.Namespace) -> Trainer:
     try:
         trainer = Trainer(cfg, ctx)
         trainer.build_data()
-        trainer.output_dir = _output_dir(cfg)
+        checkpoint = read_checkpoint(cfg.resume) if cfg.resume else None
+        trainer.output_dir = _output_dir(cfg, checkpoint)
         if ctx.is_primary:
             trainer.output_dir.mkdir(parents=True, exist_ok=True)
             _remove_stale_temporaries(trainer.output_dir)
         _setup_logging(trainer.output_dir if ctx.is_primary else None)
-        if cfg.resume:
-            trainer.resume(cfg.resume)
+        if checkpoint is not None:
+            trainer.resume(checkpoint, cfg.resume)
         if ctx.is_primary:
             save_config(cfg, trainer.output_dir / "args.yaml")
             _logger.info(
