@@ -12,9 +12,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from statten.checkpoint import CheckpointError
-from statten.config import ConfigError, config_from_dict, parse_config
+from statten.config import ConfigError, parse_config
 from statten.data import DatasetNotFoundError
-from statten.engine.trainer import TrainingError, checkpoint_config
+from statten.engine.trainer import TrainingError
 
 USER_ERRORS = (ConfigError, CheckpointError, DatasetNotFoundError, TrainingError)
 
@@ -26,26 +26,11 @@ def _train(argv: Sequence[str]) -> Any:
 
 
 def _test(argv: Sequence[str]) -> Any:
-    """Configuration: a statten checkpoint's stored config, overridden by the command line."""
-    from statten.engine.tester import test
+    from statten.engine.tester import resolve_test_config, test
     from statten.engine.trainer import dry_run
 
-    cfg = parse_config(argv, "test")
-    if cfg.dry_run:
-        return dry_run(cfg)
-    if cfg.resume and not getattr(cfg, "config", None):
-        stored = checkpoint_config(cfg.resume)
-        if stored is not None:
-            given = explicit_options(argv, "test")
-            cfg = config_from_dict({**stored, **given, "resume": cfg.resume}, "test")
-    return test(cfg)
-
-
-def explicit_options(argv: Sequence[str], command: str) -> dict[str, Any]:
-    """The options the user actually typed, as resolved values."""
-    defaults = vars(parse_config([], command))
-    typed = vars(parse_config(argv, command))
-    return {key: value for key, value in typed.items() if value != defaults.get(key)}
+    cfg = resolve_test_config(argv)
+    return dry_run(cfg) if cfg.dry_run else test(cfg)
 
 
 # Subcommand -> handler taking the remaining arguments; "module:function" strings load lazily.

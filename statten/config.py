@@ -37,9 +37,11 @@ __all__ = [
     "DEFAULT_CONFIG",
     "DVS_DATASETS",
     "ConfigError",
+    "StrictParser",
     "build_parser",
     "config_from_dict",
     "config_to_dict",
+    "explicit_options",
     "model_config",
     "parse_bool",
     "parse_config",
@@ -72,7 +74,7 @@ class ConfigError(ValueError):
     """An invalid configuration: unknown key, bad value, unreadable file (one-line message)."""
 
 
-class _Parser(argparse.ArgumentParser):
+class StrictParser(argparse.ArgumentParser):
     """ArgumentParser that raises :class:`ConfigError` instead of printing usage and exiting."""
 
     def error(self, message: str) -> NoReturn:
@@ -304,7 +306,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     """The argument parser of ``statten train`` or ``statten test`` (the same flags for both)."""
     if command not in COMMANDS:
         raise ConfigError(f"unknown command {command!r}; expected one of {COMMANDS}")
-    parser = _Parser(
+    parser = StrictParser(
         prog=f"statten {command}",
         description=f"{command.capitalize()} a STAtten spiking transformer. Every flag may be "
         "spelled with '-' or '_' and may also be given as a key of the -c YAML file.",
@@ -431,7 +433,7 @@ def _normalize_argv(argv: Sequence[str]) -> list[str]:
 
 def _config_file(argv: Sequence[str]) -> Path | None:
     """The YAML file named by -c/--config in ``argv``, else the digits recipe if it exists."""
-    pre = _Parser(add_help=False, allow_abbrev=False)
+    pre = StrictParser(add_help=False, allow_abbrev=False)
     pre.add_argument("-c", "--config", default=None)
     given, _ = pre.parse_known_args(argv)
     if given.config is not None:
@@ -547,3 +549,10 @@ def model_config(cfg: argparse.Namespace) -> dict[str, Any]:
         "drop_path_rate": cfg.drop_path,
     }
     return {k: v for k, v in config.items() if v is not None}
+
+
+def explicit_options(argv: Sequence[str], command: str) -> dict[str, Any]:
+    """The settings the user typed in ``argv`` (those that differ from the defaults)."""
+    defaults = vars(parse_config([], command))
+    typed = vars(parse_config(argv, command))
+    return {key: value for key, value in typed.items() if value != defaults.get(key)}

@@ -11,7 +11,8 @@ from statten.models.sdt import WRAPPER_PREFIXES
 from statten.neurons import is_neuron
 
 
-def _clean_name(name: str) -> str:
+def clean_module_name(name: str) -> str:
+    """A module path without DDP (``module.``) or ``torch.compile`` (``_orig_mod.``) prefixes."""
     while name.startswith(WRAPPER_PREFIXES):
         name = name.split(".", 1)[1]
     return name
@@ -44,12 +45,14 @@ class SpikeRecorder:
 
     def layer_names(self) -> list[str]:
         """Names of the neuron layers this recorder watches, in module order."""
-        return [_clean_name(n) for n, m in self.model.named_modules() if is_neuron(m)]
+        return [clean_module_name(n) for n, m in self.model.named_modules() if is_neuron(m)]
 
     def __enter__(self) -> SpikeRecorder:
         for name, module in self.model.named_modules():
             if is_neuron(module):
-                self._handles.append(module.register_forward_hook(self._hook(_clean_name(name))))
+                self._handles.append(
+                    module.register_forward_hook(self._hook(clean_module_name(name)))
+                )
         return self
 
     def __exit__(self, *exc_info: object) -> None:

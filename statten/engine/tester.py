@@ -5,17 +5,41 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from statten.checkpoint import create_model_from_checkpoint, read_checkpoint
-from statten.config import ConfigError
+from statten.config import ConfigError, config_from_dict, explicit_options, parse_config
 from statten.data import create_eval_loader
 from statten.engine.distributed import init_distributed, shutdown
 from statten.engine.evaluate import evaluate
-from statten.engine.trainer import _autocast, with_process_placement
+from statten.engine.trainer import autocast_for, checkpoint_config, with_process_placement
 
 _logger = logging.getLogger("statten.test")
+
+
+def resolve_test_config(argv: Sequence[str]) -> argparse.Namespace:
+    """``statten test``'s settings: a statten checkpoint's stored config under the typed flags.
+
+    Without ``-c``, ``--resume`` of a statten checkpoint needs no other option; flags the user
+    types still override the stored values.
+    """
+    cfg = parse_config(argv, "test")
+    if cfg.resume and not getattr(cfg, "config", None):
+        stored = checkpoint_config(cfg.resume)
+        if stored is not None:
+            given = explicit_options(argv, "test")
+            cfg = config_from_dict({**stored, **given, "resume": cfg.resume}, "test")
+    return cfg
+
+
+def load_checkpoint_model(checkpoint: dict[str, Any], cfg: argparse.Namespace) -> nn.Module:
+    """The model a checkpoint describes, with its EMA weights when ``--model-ema`` asks for them."""
+    use_ema = bool(getattr(cfg, "model_ema", False)) and "state_dict_ema" in checkpoint
+    return create_model_from_checkpoint(checkpoint, use_ema=use_ema)
 
 
 def test(cfg: argparse.Namespace) -> dict[str, Any]:
@@ -28,11 +52,9 @@ def test(cfg: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError("statten test needs a checkpoint: pass --resume CHECKPOINT")
     ctx = init_distributed(cfg.device)
     try:
-        checkpoint = read_checkpoint(cfg.resume)
-        use_ema = bool(getattr(cfg, "model_ema", False)) and "state_dict_ema" in checkpoint
-        model = create_model_from_checkpoint(checkpoint, use_ema=use_ema).to(ctx.device)
+        model = load_checkpoint_model(read_checkpoint(cfg.resume), cfg).to(ctx.device)
         eval_loader = create_eval_loader(with_process_placement(cfg, ctx), model)
-        metrics = evaluate(model, eval_loader, ctx, _autocast(cfg, ctx.device), True)
+        metrics = evaluate(model, eval_loader, ctx, autocast_for(cfg, ctx.device), True)
         metrics["checkpoint"] = str(cfg.resume)
         if ctx.is_primary:
             _report(metrics)
@@ -54,4 +76,4 @@ def _report(metrics: dict[str, Any]) -> None:
         print(f"  {name:<{width}}  " + " ".join(f"{r:.3f}" for r in rates))
 
 
-__all__ = ["test"]
+__all__ = ["load_checkpoint_model", "resolve_test_config", "test"]

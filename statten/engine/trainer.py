@@ -94,7 +94,9 @@ def with_process_placement(cfg: argparse.Namespace, ctx: DistributedContext) -> 
     )
 
 
-def _autocast(cfg: argparse.Namespace, device: torch.device) -> contextlib.AbstractContextManager:
+def autocast_for(
+    cfg: argparse.Namespace, device: torch.device
+) -> contextlib.AbstractContextManager:
     """bf16/fp16 autocast on CUDA when ``--amp`` is set; fp32 everywhere else."""
     if getattr(cfg, "amp", False) and device.type == "cuda":
         dtype = (
@@ -121,7 +123,7 @@ class Trainer:
         use_fp16 = getattr(cfg, "amp", False) and ctx.device.type == "cuda"
         use_fp16 = use_fp16 and getattr(cfg, "amp_dtype", "float16") != "bfloat16"
         self.scaler = NativeScaler(device=ctx.device.type) if use_fp16 else None
-        self.autocast = _autocast(cfg, ctx.device)
+        self.autocast = autocast_for(cfg, ctx.device)
         self.ema = None
         if getattr(cfg, "model_ema", False):
             ema_device = "cpu" if getattr(cfg, "model_ema_force_cpu", False) else None
@@ -468,6 +470,7 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "Trainer",
     "TrainingError",
+    "autocast_for",
     "checkpoint_config",
     "dry_run",
     "run_training",
