@@ -213,8 +213,8 @@ def test_cifar_without_download(tmp_path: Path, dataset: str) -> None:
 
 
 @pytest.mark.parametrize("dataset", ["cifar10-dvs", "ncaltech101"])
-def test_event_datasets_not_supported_yet(dataset: str) -> None:
-    with pytest.raises(DatasetNotFoundError, match="not supported yet"):
+def test_event_datasets_need_a_data_dir(dataset: str) -> None:
+    with pytest.raises(DatasetNotFoundError, match="needs --data-dir"):
         create_datasets(Namespace(dataset=dataset))
 
 

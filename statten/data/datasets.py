@@ -2,7 +2,8 @@
 
 Static image datasets other than ``digits`` go through timm: ``create_dataset`` opens the split
 and ``create_transform`` attaches the reference augmentation (RandAugment, random erasing, ...)
-ending in normalisation, since the models do not normalise their input.
+ending in normalisation, since the models do not normalise their input. The event datasets
+(``cifar10-dvs``, ``ncaltech101``) are read by SpikingJelly: see :mod:`statten.data.events`.
 """
 
 from __future__ import annotations
@@ -161,11 +162,14 @@ def _open_folder(cfg: Namespace, data_cfg: dict[str, Any], training: bool) -> Da
         raise DatasetNotFoundError(f"no images in {path!r}: {error}; {FOLDER_LAYOUT}") from error
 
 
-def _event_not_supported(cfg: Namespace, data_cfg: dict[str, Any], training: bool) -> Dataset:
-    name = option(cfg, "dataset")
-    raise DatasetNotFoundError(
-        f"event dataset {name!r} is not supported yet; static datasets: {static_dataset_names()}"
-    )
+def _event_dataset(cfg: Namespace, data_cfg: dict[str, Any], training: bool) -> Dataset:
+    """Builder of the event datasets (see :mod:`statten.data.events`).
+
+    Imported on use: that module loads SpikingJelly and imports this one.
+    """
+    from statten.data.events import build_event_dataset
+
+    return build_event_dataset(option(cfg, "dataset"), cfg, data_cfg, training)
 
 
 _FOLDER = DatasetSpec(_timm_pipeline(_open_folder), img_size=224)
@@ -189,14 +193,9 @@ DATASETS: dict[str, DatasetSpec] = {
     "": _FOLDER,
     "folder": _FOLDER,
     "imagenet": DatasetSpec(_FOLDER.build, num_classes=1000, img_size=224),
-    "cifar10-dvs": DatasetSpec(_event_not_supported, num_classes=10, in_channels=2),
-    "ncaltech101": DatasetSpec(_event_not_supported, num_classes=101, in_channels=2),
+    "cifar10-dvs": DatasetSpec(_event_dataset, num_classes=10, in_channels=2, img_size=64),
+    "ncaltech101": DatasetSpec(_event_dataset, num_classes=101, in_channels=2, img_size=64),
 }
-
-
-def static_dataset_names() -> list[str]:
-    """Names of the registered datasets that can be built now ('' is an ImageFolder tree)."""
-    return [name for name, spec in DATASETS.items() if spec.build is not _event_not_supported]
 
 
 def dataset_spec(cfg: Namespace) -> DatasetSpec:

@@ -54,6 +54,9 @@ DEFAULTS: dict[str, Any] = {
     "distributed": False,
     "world_size": 1,
     "rank": 0,
+    "time_steps": 4,
+    "dvs_aug": False,
+    "dvs_trival_aug": False,
 }
 
 
