@@ -15,6 +15,9 @@ import torch
 
 from statten.checkpoint import read_checkpoint
 from statten.cli import main
+from statten.config import parse_config
+from statten.engine.distributed import DistributedContext
+from statten.engine.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data"
@@ -213,3 +216,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
     err = capsys.readouterr().err
     assert "non-finite" in err and "last.pth.tar" in err
     assert_identical(weights(run / "last.pth.tar"), good)
+
+
+def test_linear_prob_freezes_the_patch_embedding(tmp_path: Path) -> None:
+    run = train(tmp_path, "--epochs", "1", "--linear-prob")
+    after = weights(run / "last.pth.tar")
+    cfg = parse_config([*SMALL, "--linear-prob"], "train")
+    initial = Trainer(cfg, DistributedContext(0, 1, 0, torch.device("cpu"))).model.state_dict()
+    frozen = [k for k in after if k.startswith("patch_embed.") and k.endswith("weight")]
+    assert frozen and all(torch.equal(after[k], initial[k]) for k in frozen)
+    assert not torch.equal(after["head.weight"], initial["head.weight"])

@@ -119,6 +119,8 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         if ctx.distributed and getattr(cfg, "sync_bn", False):
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        if getattr(cfg, "linear_prob", False):
+            self.model.patch_embed.requires_grad_(False)  # the reference's --linear-prob
         self.optimizer = create_optimizer_v2(self.model, **optimizer_kwargs(cfg))
         use_fp16 = getattr(cfg, "amp", False) and ctx.device.type == "cuda"
         use_fp16 = use_fp16 and getattr(cfg, "amp_dtype", "float16") != "bfloat16"
