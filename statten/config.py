@@ -230,6 +230,14 @@ def _add_augmentation_args(parser: argparse.ArgumentParser) -> None:
     _add(g, "--color-jitter", 0.4, "color jitter strength", type=float)
     _add(g, "--aa", None, "AutoAugment/RandAugment policy, e.g. rand-m9-n1-mstd0.4-inc1")
     _add(g, "--aug-splits", 0, "augmentation splits (0, or >= 2 for AugMix/JSD)", type=int)
+    _add(
+        g,
+        "--aug-repeats",
+        0,
+        "repeated augmentation: each sample N times per epoch (timm's RepeatAugSampler); "
+        "statten addition, the reference parser had no such flag",
+        type=int,
+    )
     _flag(g, "--jsd", "Jensen-Shannon divergence + CE loss (with --aug-splits)")
     _flag(g, "--bce-loss", "binary cross-entropy loss")
     _add(g, "--bce-target-thresh", None, "binarise soft BCE targets at this value", type=float)
