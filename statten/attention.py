@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from statten.fast.storage import mark_spikes
+
 
 def dvs_max_pool(x: torch.Tensor) -> torch.Tensor:
     """3x3 max pooling, stride 1, padding 1, over the last two axes of a tensor of any rank.
@@ -33,7 +35,8 @@ class SpatioTemporalAttention(nn.Module):
         chunk_size: number of consecutive time steps that attend to each other; must divide ``T``.
 
     Shapes:
-        ``q, k, v``: ``[T, B, heads, N, d]`` spike tensors (any float dtype; N tokens per step).
+        ``q, k, v``: ``[T, B, heads, N, d]`` spike tensors (any float dtype; N tokens per step;
+        in a memory-efficient model they are stored for backward as 1-byte tensors).
         ``scale``: float multiplier of ``K^T V`` (the reference uses ``1 / H_grid`` for images and
         ``1 / (H_grid**2 * chunk_size)`` for event data).
         Output: ``[T, B, heads, N, d]``, real-valued (feed it to a spiking neuron).
@@ -65,6 +68,7 @@ class SpatioTemporalAttention(nn.Module):
             x.view(T // c, c, B, H, N, D).permute(0, 2, 3, 1, 4, 5).reshape(T // c, B, H, c * N, D)
             for x in (q, k, v)
         )
+        q, k, v = (mark_spikes(x) for x in (q, k, v))
         kv = torch.matmul(k.transpose(-2, -1), v) * scale  # [T/c, B, H, D, D]
         out = torch.matmul(q, kv)  # [T/c, B, H, c*N, D]
         return out.view(T // c, B, H, c, N, D).permute(0, 3, 1, 2, 4, 5).reshape(T, B, H, N, D)

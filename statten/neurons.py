@@ -7,6 +7,9 @@ fastest kernel for the tensor's device by itself (a C++ op on CPU, CUDA/Triton k
 
 Unlike SpikingJelly's nodes, these layers forget their membrane potential after every call: each
 forward starts from ``V = 0``, so a model never needs ``reset_net`` between batches.
+
+A :class:`LIF` layer with ``fused = True`` runs the fused kernels of :mod:`statten.fast` instead:
+the same spikes and gradients, less memory for backward, and optionally a BatchNorm in front.
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ from __future__ import annotations
 import torch
 from spikingjelly.activation_based import neuron, surrogate
 from spikingjelly.activation_based.neuron import BaseNode
+from torch import nn
+
+from statten.fast.functions import fused_conv_bn_lif, fused_lif
 
 SPIKE_MODES = ("lif", "plif")
 TAU = 2.0
@@ -32,7 +38,13 @@ class _FreshStateMixin:
 
 
 class LIF(_FreshStateMixin, neuron.LIFNode):
-    """Multi-step LIF, ``H = V + (X - V) / 2``, spike when ``H >= v_threshold``, hard reset to 0."""
+    """Multi-step LIF, ``H = V + (X - V) / 2``, spike when ``H >= v_threshold``, hard reset to 0.
+
+    ``layer(x, conv_bn=(conv, bn))`` gives the spikes of ``bn(conv(x))`` applied to every time
+    step of ``x [T, B, C, H, W]``. With ``fused = True`` (see :mod:`statten.fast`) the layer runs
+    fused kernels, and conv, BatchNorm and neuron run as one memory-efficient layer, which
+    recomputes the conv output in backward instead of storing it when ``recompute=True``.
+    """
 
     def __init__(self, v_threshold: float = 1.0) -> None:
         super().__init__(
@@ -41,6 +53,23 @@ class LIF(_FreshStateMixin, neuron.LIFNode):
             surrogate_function=surrogate.Sigmoid(alpha=SURROGATE_ALPHA),
             detach_reset=True,
             step_mode="m",
+        )
+        self.fused = False
+
+    def multi_step_forward(
+        self,
+        x_seq: torch.Tensor,
+        conv_bn: tuple[nn.Module, nn.Module] | None = None,
+        recompute: bool = False,
+    ) -> torch.Tensor:
+        neuron = (self.v_threshold, TAU, SURROGATE_ALPHA)
+        if conv_bn is None:
+            return fused_lif(x_seq, *neuron) if self.fused else super().multi_step_forward(x_seq)
+        if self.fused:
+            return fused_conv_bn_lif(*conv_bn, x_seq, neuron, recompute)
+        conv, bn = conv_bn
+        return super().multi_step_forward(
+            bn(conv(x_seq.flatten(0, 1))).unflatten(0, x_seq.shape[:2])
         )
 
 

@@ -17,6 +17,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import nn
 
 from statten.attention import SpatioTemporalAttention, dvs_max_pool
+from statten.fast.functions import max_pool
+from statten.fast.storage import mark_spikes, spike_storage, storing_spikes
 from statten.neurons import LIF, check_spike_mode, create_neuron
 
 __all__ = [
@@ -31,11 +33,23 @@ __all__ = [
 
 ATTENTION_MODES = ("STAtten", "SDT")
 ATTENTION_V_THRESHOLD = 0.5  # attn_lif and talking_heads_lif fire at half the usual threshold
+# Patch-embedding stages whose conv output a memory-efficient model recomputes in backward rather
+# than stores: the cheap ones (few input channels). Attention and MLP 1x1 convs always recompute.
+RECOMPUTED_STAGES = ("", "1", "2")
 
 
 def per_step(modules: nn.Module | Iterable[nn.Module], x: torch.Tensor) -> torch.Tensor:
     """Apply stateless layers to every time step of ``[T, B, ...]`` at once (T and B folded)."""
     return seq_to_ann_forward(x, modules if isinstance(modules, nn.Module) else list(modules))
+
+
+def conv_bn_lif(
+    conv: nn.Module, bn: nn.Module, lif: nn.Module, x: torch.Tensor, recompute: bool = False
+) -> torch.Tensor:
+    """``lif(bn(conv(x)))``, conv and BN per time step; a fused LIF runs the three as one layer."""
+    if getattr(lif, "fused", False):
+        return lif(x, conv_bn=(conv, bn), recompute=recompute)
+    return lif(per_step((conv, bn), x))
 
 
 def drop_path_per_sample(x: torch.Tensor, prob: float, training: bool) -> torch.Tensor:
@@ -78,10 +92,19 @@ class SpikingPatchEmbed(nn.Module):
         self.rpe_bn = nn.BatchNorm2d(embed_dims)
 
     def _stage(self, suffix: str, pool: bool, x: torch.Tensor) -> torch.Tensor:
-        x = per_step((getattr(self, f"proj_conv{suffix}"), getattr(self, f"proj_bn{suffix}")), x)
-        if suffix != "3":
-            x = getattr(self, f"proj_lif{suffix}")(x)
-        return per_step(self.maxpool, x) if pool else x
+        conv, bn = getattr(self, f"proj_conv{suffix}"), getattr(self, f"proj_bn{suffix}")
+        if suffix == "3":
+            x = per_step((conv, bn), x)
+        else:
+            lif = getattr(self, f"proj_lif{suffix}")
+            x = conv_bn_lif(conv, bn, lif, x, recompute=suffix in RECOMPUTED_STAGES)
+        return self._pool(x, spikes=suffix != "3") if pool else x
+
+    def _pool(self, x: torch.Tensor, spikes: bool) -> torch.Tensor:
+        if not storing_spikes():
+            return per_step(self.maxpool, x)
+        pooled = max_pool(self.maxpool, x.flatten(0, 1)).unflatten(0, x.shape[:2])
+        return mark_spikes(pooled) if spikes else pooled
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for suffix, pool in zip(("", "1", "2", "3"), self.pool_after_stage, strict=True):
@@ -122,7 +145,7 @@ class SpikingSelfAttention(nn.Module):
     def _heads(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """Q, K or V spikes ``[T, B, heads, N, d]`` (channel ``head * d + j``)."""
         layers = (getattr(self, f"{name}_conv"), getattr(self, f"{name}_bn"))
-        s = getattr(self, f"{name}_lif")(per_step(layers, x))
+        s = conv_bn_lif(*layers, getattr(self, f"{name}_lif"), x, recompute=True)
         if self.dvs:
             s = dvs_max_pool(s)
         T, B, C, H, W = s.shape
@@ -173,11 +196,12 @@ class SpikingMLP(nn.Module):
         self.fc2_bn = nn.BatchNorm2d(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = per_step((self.fc1_conv, self.fc1_bn), self.fc1_lif(x))
         if self.inner_shortcut:
+            hidden = per_step((self.fc1_conv, self.fc1_bn), self.fc1_lif(x))
             x = x + hidden
             return hidden + per_step((self.fc2_conv, self.fc2_bn), self.fc2_lif(x))
-        return per_step((self.fc2_conv, self.fc2_bn), self.fc2_lif(hidden))
+        spikes = conv_bn_lif(self.fc1_conv, self.fc1_bn, self.fc2_lif, self.fc1_lif(x), True)
+        return per_step((self.fc2_conv, self.fc2_bn), spikes)
 
 
 class EncoderBlock(nn.Module):
@@ -210,6 +234,10 @@ class SpikeDrivenTransformer(nn.Module):
     Takes images ``[B, C, H, W]`` (repeated over ``T`` steps, direct encoding) or event frames
     ``[B, T, C, H, W]`` and returns logits ``[B, num_classes]`` (time-averaged), or
     ``[T, B, num_classes]`` when ``TET`` is set. Every call starts from zero membrane potential.
+
+    With ``memory_efficient=True`` the LIF layers run the fused kernels of :mod:`statten.fast`
+    (BatchNorm + LIF as one layer that recomputes instead of storing) and spikes are kept as
+    1-byte tensors for backward: identical outputs and gradients, about half the training memory.
     """
 
     def __init__(
@@ -229,6 +257,7 @@ class SpikeDrivenTransformer(nn.Module):
         dvs_mode: bool = False,
         TET: bool = False,
         drop_path_rate: float = 0.0,
+        memory_efficient: bool = False,
     ) -> None:
         super().__init__()
         _check_config(embed_dims, num_heads, T, chunk_size, attention_mode)
@@ -258,6 +287,19 @@ class SpikeDrivenTransformer(nn.Module):
         self.head_lif = create_neuron(spike_mode)
         self.head = nn.Linear(embed_dims, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(_init_weights)
+        self.memory_efficient = memory_efficient
+
+    @property
+    def memory_efficient(self) -> bool:
+        """Fused LIF layers and 1-byte spikes for backward (see the class docstring)."""
+        return self._memory_efficient
+
+    @memory_efficient.setter
+    def memory_efficient(self, enabled: bool) -> None:
+        self._memory_efficient = bool(enabled)
+        for module in self.modules():
+            if isinstance(module, LIF):
+                module.fused = self._memory_efficient
 
     def get_classifier(self) -> nn.Module:
         return self.head
@@ -307,7 +349,9 @@ class SpikeDrivenTransformer(nn.Module):
         return x if self.TET else x.mean(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(self.time_major(x)))
+        compact = self.memory_efficient and torch.is_grad_enabled()
+        with spike_storage(compact and not torch.compiler.is_compiling()):
+            return self.forward_head(self.forward_features(self.time_major(x)))
 
 
 def _check_config(

@@ -1,0 +1,363 @@
+"""``statten bench``: speed and memory of a recipe, read against what the hardware can do.
+
+For a recipe (``-c conf/...yml`` plus any ``statten train`` flag), batch size (``-b``) and device
+(``--device``), measures training-step and inference throughput (images/s) and peak memory of the
+plain eager fp32 model (``eager``, the baseline) and of the fast paths of :mod:`statten.fast`
+(``fast``), each in its own process. Every result is also read as a fraction of the device's
+matrix-multiply rate, measured in the same processes between the timed steps (fp32 ``torch.mm``
+on CPU, bf16 on GPU), from the model's counted FLOPs (conv/linear/matmul multiply-adds x 2; a
+training step counts 3x the forward pass). ``--json FILE`` writes all numbers.
+
+    statten bench -c conf/cifar10/2_512_200E_t4.yml -b 16 --device cpu --json bench.json
+
+Peak memory: on CPU the peak resident set size (``ru_maxrss``) of the measuring process, also
+given above the process's size right after its imports; on GPU ``torch.cuda.max_memory_allocated``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from statten.config import ConfigError, config_from_dict, config_to_dict, model_config, parse_config
+from statten.factory import create_model
+
+__all__ = ["MODES", "TASKS", "Result", "main", "matmul_rate", "measure"]
+
+TASKS = ("train", "infer")
+MODES = ("eager", "fast")
+TRAIN_FLOPS_PER_FORWARD = 3  # forward + backward (input and weight gradients) ~ 3 forwards
+
+
+@dataclass
+class Result:
+    """One measurement (a task in a mode), from its own process."""
+
+    task: str
+    mode: str
+    batch_size: int
+    step_seconds: list[float]
+    matmul_flops_per_s: list[float]
+    peak_memory_bytes: int
+    memory_after_import_bytes: int
+    flops_per_step: float = 0.0
+    derived: dict[str, float] = field(default_factory=dict)
+
+    def summarize(self) -> None:
+        """Medians, throughput and the fraction of the matmul rate, into ``derived``."""
+        step = statistics.median(self.step_seconds)
+        matmul = statistics.median(self.matmul_flops_per_s)
+        self.derived = {
+            "step_seconds_median": step,
+            "images_per_s": self.batch_size / step,
+            "flops_per_s": self.flops_per_step / step,
+            "matmul_flops_per_s_median": matmul,
+            "matmul_fraction": self.flops_per_step / step / matmul,
+            "peak_memory_above_import_bytes": self.peak_memory_bytes
+            - self.memory_after_import_bytes,
+        }
+
+
+# -- what runs in the measuring process ---------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_rate(device: torch.device, size: int = 2048, repeats: int = 3) -> float:
+    """FLOP/s of ``repeats`` back-to-back ``size x size`` matrix products (fp32 CPU, bf16 GPU)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    torch.mm(a, b)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        torch.mm(a, b)
+    _sync(device)
+    return 2 * size**3 * repeats / (time.perf_counter() - start)
+
+
+def _inputs(cfg: argparse.Namespace, model: nn.Module, batch: int, device: torch.device) -> Any:
+    """A random batch of the recipe's input shape (images, or event frames for DVS recipes)."""
+    size = model.img_size
+    if model.dvs_mode:
+        shape = (batch, model.T, model.in_channels, size, size)
+        images = torch.rand(shape, device=device).mul_(4).floor_()
+    else:
+        images = torch.randn(batch, model.in_channels, size, size, device=device)
+    targets = torch.randint(0, max(cfg.num_classes, 1), (batch,), device=device)
+    return images, targets
+
+
+def _channels_last(images: torch.Tensor) -> torch.Tensor:
+    return images.contiguous(memory_format=torch.channels_last) if images.dim() == 4 else images
+
+
+def _autocast(mode: str, device: torch.device) -> torch.autocast:
+    """bf16 autocast for the fast mode on GPU; fp32 otherwise."""
+    enabled = mode == "fast" and device.type == "cuda"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def _train_step(spec: dict[str, Any], cfg: argparse.Namespace, device: torch.device) -> Callable:
+    from timm.optim import create_optimizer_v2, optimizer_kwargs
+
+    from statten.fast import optimize_for_training
+
+    model = create_model(cfg.model, **model_config(cfg)).to(device).train()
+    images, targets = _inputs(cfg, model, spec["batch_size"], device)
+    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg))
+    if spec["mode"] == "fast":
+        optimize_for_training(model, compile_kernels=spec["compile_kernels"])
+        images = _channels_last(images)
+    forward = torch.compile(model) if spec["compile"] and spec["mode"] == "fast" else model
+
+    def step() -> None:
+        with _autocast(spec["mode"], device):
+            out = forward(images)
+            loss = F.cross_entropy(out.mean(0) if model.TET else out, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def _infer_step(spec: dict[str, Any], cfg: argparse.Namespace, device: torch.device) -> Callable:
+    from statten.fast import optimize_for_inference
+
+    model = create_model(cfg.model, **model_config(cfg)).to(device).eval()
+    images, _ = _inputs(cfg, model, spec["batch_size"], device)
+    if spec["mode"] == "fast":
+        model = optimize_for_inference(model, compile_kernels=spec["compile_kernels"])
+        images = _channels_last(images)
+    forward = torch.compile(model) if spec["compile"] and spec["mode"] == "fast" else model
+
+    def step() -> None:
+        with torch.inference_mode(), _autocast(spec["mode"], device):
+            forward(images)
+
+    return step
+
+
+def _max_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def measure(spec: dict[str, Any], memory_after_import: int = 0) -> Result:
+    """Time ``spec["repeats"]`` steps of one task in one mode, in this process."""
+    cfg = config_from_dict(spec["config"], "train")
+    device = torch.device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    build = _train_step if spec["task"] == "train" else _infer_step
+    step = build(spec, cfg, device)
+    for _ in range(spec["warmup"]):
+        step()
+    _sync(device)
+    seconds, rates = [], []
+    for _ in range(spec["repeats"]):
+        rates.append(matmul_rate(device, spec["matmul_size"]))
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        seconds.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _max_rss_bytes()
+    return Result(
+        spec["task"], spec["mode"], spec["batch_size"], seconds, rates, peak, memory_after_import
+    )
+
+
+def _worker(spec_path: str, result_path: str) -> None:
+    after_import = _max_rss_bytes()
+    spec = json.loads(Path(spec_path).read_text())
+    result = measure(spec, after_import if spec["config"]["device"] == "cpu" else 0)
+    Path(result_path).write_text(json.dumps(asdict(result)))
+
+
+# -- the parent: one process per measurement ----------------------------------------------------
+
+
+def run_isolated(spec: dict[str, Any], workdir: Path) -> Result:
+    """Run :func:`measure` for ``spec`` in a fresh Python process (its own peak memory)."""
+    name = f"{spec['task']}-{spec['mode']}"
+    spec_path, result_path = workdir / f"{name}.spec.json", workdir / f"{name}.json"
+    spec_path.write_text(json.dumps(spec))
+    command = [sys.executable, "-m", "statten.bench", "--worker", str(spec_path), str(result_path)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"benchmark process {name} failed:\n{done.stderr[-4000:]}")
+    return Result(**json.loads(result_path.read_text()))
+
+
+def count_forward_flops(cfg: argparse.Namespace) -> float:
+    """Counted FLOPs of one forward pass of one sample (conv/linear/matmul MACs x 2)."""
+    model = create_model(cfg.model, **model_config(cfg)).eval()
+    images, _ = _inputs(cfg, model, 1, torch.device("cpu"))
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(images)
+    return float(counter.get_total_flops())
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="statten bench",
+        description="Training and inference speed and peak memory of a recipe, eager baseline "
+        "versus statten.fast, against the device's matmul rate. Any `statten train` flag "
+        "(-c CONFIG, -b BATCH, --device, --json FILE, ...) selects what is measured.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per measurement")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--matmul-size", type=int, default=2048, help="side of the timed mm")
+    parser.add_argument(
+        "--eager-kernels",
+        action="store_true",
+        help="fast mode without torch.compile of the LIF kernels (no C++ compiler needed)",
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="fast mode: also torch.compile the whole model"
+    )
+    return parser
+
+
+def _ratios(results: dict[tuple[str, str], Result]) -> dict[str, float]:
+    ratios = {}
+    for task in TASKS:
+        eager, fast = results.get((task, "eager")), results.get((task, "fast"))
+        if eager is None or fast is None:
+            continue
+        speed = fast.derived["images_per_s"] / eager.derived["images_per_s"]
+        ratios[f"{task}_speedup"] = speed
+        ratios[f"{task}_peak_memory_ratio"] = fast.peak_memory_bytes / eager.peak_memory_bytes
+        above = fast.derived["peak_memory_above_import_bytes"]
+        if eager.derived["peak_memory_above_import_bytes"] > 0:
+            ratios[f"{task}_peak_memory_above_import_ratio"] = (
+                above / eager.derived["peak_memory_above_import_bytes"]
+            )
+    return ratios
+
+
+def _report(summary: dict[str, Any], results: list[Result]) -> str:
+    gib = 2**30
+    lines = [
+        f"statten bench: {summary['recipe']}, batch {summary['batch_size']}, "
+        f"{summary['device_name']}, {summary['threads']} threads",
+        f"matmul rate ({summary['matmul_dtype']}, median of all samples): "
+        f"{summary['matmul_flops_per_s_median'] / 1e9:.1f} GFLOP/s",
+        f"counted FLOPs per image: forward {summary['forward_flops_per_image'] / 1e9:.3f} G, "
+        f"training step {summary['train_flops_per_image'] / 1e9:.3f} G",
+        "",
+        f"{'task':6} {'mode':6} {'img/s':>9} {'step s':>9} {'GFLOP/s':>9} {'of mm':>6} "
+        f"{'peak mem GiB':>12} {'above import':>12}",
+    ]
+    for r in results:
+        d = r.derived
+        lines.append(
+            f"{r.task:6} {r.mode:6} {d['images_per_s']:9.2f} {d['step_seconds_median']:9.4f} "
+            f"{d['flops_per_s'] / 1e9:9.1f} {d['matmul_fraction']:6.2f} "
+            f"{r.peak_memory_bytes / gib:12.3f} {d['peak_memory_above_import_bytes'] / gib:12.3f}"
+        )
+    lines += [
+        "",
+        "fast / eager: " + ", ".join(f"{k} {v:.2f}" for k, v in summary["ratios"].items()),
+    ]
+    return "\n".join(lines)
+
+
+def _specs(args: argparse.Namespace, cfg: argparse.Namespace) -> list[dict[str, Any]]:
+    common = {
+        "config": config_to_dict(cfg),
+        "batch_size": cfg.batch_size,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "matmul_size": args.matmul_size,
+        "compile_kernels": not args.eager_kernels,
+        "compile": args.compile,
+    }
+    return [
+        {**common, "task": task, "mode": mode} for task in args.tasks for mode in args.modes
+    ]  # eager first: the baseline is measured before the fast paths
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _summary(cfg: argparse.Namespace, results: list[Result], flops: float) -> dict[str, Any]:
+    device = torch.device(cfg.device)
+    on_gpu = device.type == "cuda"
+    samples = [rate for r in results for rate in r.matmul_flops_per_s]
+    return {
+        "recipe": cfg.config or "(defaults)",
+        "batch_size": cfg.batch_size,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if on_gpu else _cpu_name(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "matmul_dtype": "bfloat16" if on_gpu else "float32",
+        "matmul_flops_per_s_median": statistics.median(samples),
+        "forward_flops_per_image": flops,
+        "train_flops_per_image": TRAIN_FLOPS_PER_FORWARD * flops,
+        "memory": "torch.cuda.max_memory_allocated" if on_gpu else "peak RSS (ru_maxrss)",
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; print the table, write ``--json``; return the JSON document."""
+    args, rest = _parser().parse_known_args(argv)
+    cfg = parse_config(rest, "train")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {cfg.device}: CUDA is not available")
+    forward_flops = count_forward_flops(cfg)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="statten-bench-") as tmp:
+        for spec in _specs(args, cfg):
+            result = run_isolated(spec, Path(tmp))
+            per_forward = forward_flops * spec["batch_size"]
+            result.flops_per_step = per_forward * (
+                TRAIN_FLOPS_PER_FORWARD if spec["task"] == "train" else 1
+            )
+            result.summarize()
+            results.append(result)
+    summary = _summary(cfg, results, forward_flops)
+    summary["ratios"] = _ratios({(r.task, r.mode): r for r in results})
+    document = {**summary, "results": [asdict(r) for r in results]}
+    print(_report(summary, results))
+    if cfg.json:
+        Path(cfg.json).write_text(json.dumps(document, indent=2))
+    return document
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
+        _worker(sys.argv[2], sys.argv[3])
+    else:
+        main()

@@ -1,0 +1,48 @@
+"""Opt-in fast paths of statten (measured in docs/performance.md, benchmarked by ``statten bench``).
+
+- Memory-efficient training, bit-identical to the plain model:
+  ``create_model("sdt", ..., memory_efficient=True)`` or ``model.memory_efficient = True``. LIF
+  layers run fused kernels and store only their input; conv -> BatchNorm -> LIF runs as one
+  layer that recomputes instead of storing; spikes are stored for backward as 1-byte tensors.
+- :func:`use_compiled_kernels`: compile the fused LIF kernels with ``torch.compile`` (bit-identical,
+  an order of magnitude faster on CPU; needs a C++ compiler there).
+- :func:`optimize_for_training`: all of the above plus channels-last weights (faster oneDNN
+  convolutions on CPU, tensor cores on GPU; changes rounding).
+- :func:`optimize_for_inference`: BatchNorm folded into convolutions, fused kernels, channels-last
+  (outputs match the plain eval model within a documented tolerance).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from statten.fast.inference import fold_batchnorm, optimize_for_inference
+from statten.fast.kernels import compiled_kernels_enabled, use_compiled_kernels
+from statten.fast.storage import mark_spikes, spike_storage
+
+__all__ = [
+    "compiled_kernels_enabled",
+    "fold_batchnorm",
+    "mark_spikes",
+    "optimize_for_inference",
+    "optimize_for_training",
+    "spike_storage",
+    "use_compiled_kernels",
+]
+
+
+def optimize_for_training(
+    model: nn.Module, channels_last: bool = True, compile_kernels: bool = True
+) -> nn.Module:
+    """Switch ``model`` (in place) to memory-efficient training, compiled kernels, channels-last.
+
+    With ``channels_last``, feed channels-last inputs
+    (``images.contiguous(memory_format=torch.channels_last)``).
+    """
+    model.memory_efficient = True
+    if compile_kernels:
+        use_compiled_kernels(True)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model

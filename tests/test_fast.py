@@ -1,0 +1,260 @@
+"""statten.fast: every fast path gives the plain model's results, forward and gradients."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import golden_model_config
+
+import statten
+from statten import bench
+from statten.fast import (
+    fold_batchnorm,
+    optimize_for_inference,
+    optimize_for_training,
+    use_compiled_kernels,
+)
+from statten.fast.kernels import lif_input_grad, lif_spikes
+from statten.fast.storage import _Packed, _SpikeStore, _unpack
+from statten.neurons import LIF
+
+TINY = {"img_size": 16, "embed_dims": 64, "num_heads": 4, "depths": 2, "num_classes": 5, "T": 4}
+DVS = {"in_channels": 2, "dvs_mode": True}
+CASES = {
+    "statten": {},
+    "sdt": {"attention_mode": "SDT"},
+    "plif": {"spike_mode": "plif"},
+    "chunk_T": {"chunk_size": 4},
+    "dvs_tet": {**DVS, "TET": True},
+    "dvs_sdt": {**DVS, "attention_mode": "SDT"},
+    "inner_shortcut": {"mlp_ratio": 1.0},
+}
+
+
+def _model(**overrides) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return statten.create_model("sdt", **{**TINY, **overrides})
+
+
+def _inputs(model: torch.nn.Module, batch: int = 4) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    size = model.img_size
+    if model.dvs_mode:
+        return torch.rand(batch, model.T, 2, size, size, generator=generator).mul(4).floor()
+    return torch.randn(batch, model.in_channels, size, size, generator=generator) * 2
+
+
+def _run(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    out = model(x)
+    out.backward(torch.linspace(-1, 1, out.numel()).view(out.shape))
+    return out, {name: p.grad for name, p in model.named_parameters()}
+
+
+def _assert_identical(plain: torch.nn.Module, fast: torch.nn.Module, x: torch.Tensor) -> None:
+    out, grads = _run(plain, x)
+    fast_out, fast_grads = _run(fast, x)
+    assert torch.equal(out, fast_out)
+    for name, grad in grads.items():
+        assert torch.equal(grad, fast_grads[name]), name
+    for (name, value), fast_value in zip(
+        plain.state_dict().items(), fast.state_dict().values(), strict=True
+    ):
+        assert torch.equal(value, fast_value), name  # running statistics, num_batches_tracked
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_memory_efficient_training_is_bit_identical(case: str) -> None:
+    plain = _model(**CASES[case]).train()
+    fast = copy.deepcopy(plain)
+    fast.memory_efficient = True
+    _assert_identical(plain, fast, _inputs(plain))
+
+
+def test_lif_takes_the_conv_and_batchnorm_in_front_of_it() -> None:
+    torch.manual_seed(0)
+    conv, bn = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+    x = torch.randn(4, 2, 3, 6, 6)
+    expected = LIF()(bn(conv(x.flatten(0, 1))).unflatten(0, (4, 2)))
+    fused = LIF()
+    fused.fused = True
+    for lif in (LIF(), fused):
+        assert torch.equal(lif(x, conv_bn=(conv, bn)), expected)
+
+
+def test_memory_efficient_flag_is_a_model_option() -> None:
+    model = _model(memory_efficient=True)
+    lifs = [m for m in model.modules() if isinstance(m, LIF)]
+    assert model.memory_efficient and lifs and all(m.fused for m in lifs)
+    model.memory_efficient = False
+    assert not any(m.fused for m in lifs)
+
+
+def _saved_bytes(model: torch.nn.Module, x: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Bytes of the distinct storages a forward pass keeps for backward."""
+    storages: dict[int, int] = {}
+
+    def record(saved: torch.Tensor | _Packed) -> None:
+        tensor = saved.data if isinstance(saved, _Packed) else saved
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        record(tensor)
+        return tensor
+
+    real_pack = _SpikeStore.pack
+
+    def recording_pack(store: _SpikeStore, tensor: torch.Tensor) -> torch.Tensor | _Packed:
+        packed = real_pack(store, tensor)
+        record(packed)
+        return packed
+
+    monkeypatch.setattr(_SpikeStore, "pack", recording_pack)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return sum(storages.values())
+
+
+def test_memory_efficient_training_stores_under_a_third(monkeypatch: pytest.MonkeyPatch) -> None:
+    plain = _model(img_size=32).train()
+    fast = copy.deepcopy(plain)
+    fast.memory_efficient = True
+    x = _inputs(plain, batch=8)
+    params = sum(p.numel() * p.element_size() for p in plain.parameters())
+    plain_bytes = _saved_bytes(plain, x, monkeypatch) - params
+    fast_bytes = _saved_bytes(fast, x, monkeypatch) - params
+    assert fast_bytes < plain_bytes / 3, (fast_bytes, plain_bytes)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("v_threshold", [1.0, 0.5])
+def test_lif_kernels_equal_spikingjelly(v_threshold: float, channels_last: bool) -> None:
+    x = torch.randn(4, 3, 8, 5, 5) * 2
+    if channels_last:  # the layout of a channels-last conv output unflattened to [T, B, ...]
+        x = x.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, (4, 3))
+    x.requires_grad_()
+    spikes = LIF(v_threshold)(x)
+    grad = torch.randn_like(spikes)
+    spikes.backward(grad)
+    fast_spikes = lif_spikes(x.detach(), v_threshold, 2.0)
+    assert torch.equal(fast_spikes, spikes)
+    assert fast_spikes.stride() == x.stride()
+    assert torch.equal(lif_input_grad(grad, x.detach(), v_threshold, 2.0, 4.0), x.grad)
+
+
+def _kernel_outputs(x: torch.Tensor, grad: torch.Tensor) -> list[torch.Tensor]:
+    outputs = []
+    for v_threshold in (1.0, 0.5):
+        outputs += [lif_spikes(x, v_threshold, 2.0), lif_input_grad(grad, x, v_threshold, 2.0, 4.0)]
+    return outputs
+
+
+def test_compiled_kernels_equal_eager_kernels() -> None:
+    x = torch.randn(4, 2, 16, 7, 7) * 2
+    grad = torch.randn_like(x)
+    expected = _kernel_outputs(x, grad)
+    use_compiled_kernels(True)
+    try:
+        compiled = _kernel_outputs(x, grad)
+    finally:
+        use_compiled_kernels(False)
+    for eager, fast in zip(expected, compiled, strict=True):
+        assert torch.equal(eager, fast)
+
+
+def test_spike_storage_packs_each_spike_tensor_once_as_uint8() -> None:
+    store = _SpikeStore()
+    spikes = (torch.randn(4, 6, 5) > 0).float()
+    store.mark(spikes.view(24, 5))
+    views = [spikes.transpose(1, 2), spikes[1:3], spikes.flatten(0, 1)]
+    packed = [store.pack(view) for view in views]
+    assert all(isinstance(p, _Packed) and p.data.dtype == torch.uint8 for p in packed)
+    assert len({p.data.data_ptr() for p in packed}) == 1
+    for view, p in zip(views, packed, strict=True):
+        restored = _unpack(p)
+        assert torch.equal(restored, view) and restored.stride() == view.stride()
+    other = torch.randn(3)
+    assert store.pack(other) is other
+
+
+def test_optimize_for_training_matches_the_plain_model_in_channels_last() -> None:
+    """Same spikes and outputs; gradients round differently (other channels-last kernels)."""
+    plain = _model().train().to(memory_format=torch.channels_last)
+    fast = optimize_for_training(_model().train(), compile_kernels=False)
+    assert fast.memory_efficient
+    assert fast.patch_embed.proj_conv.weight.is_contiguous(memory_format=torch.channels_last)
+    x = _inputs(plain).contiguous(memory_format=torch.channels_last)
+    out, grads = _run(plain, x)
+    fast_out, fast_grads = _run(fast, x)
+    assert torch.equal(out, fast_out)
+    largest = max(grad.abs().max().item() for grad in grads.values())
+    for name, grad in grads.items():  # biases in front of BatchNorm have ~0 (noise) gradients
+        torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-5 * largest)
+
+
+def test_fold_batchnorm_matches_conv_then_batchnorm() -> None:
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(torch.nn.Conv2d(4, 6, 3, padding=1), torch.nn.BatchNorm2d(6))
+    layers[1].running_mean.normal_()
+    layers[1].running_var.uniform_(0.5, 2)
+    layers[1].weight.data.normal_()
+    layers.eval()
+    holder = torch.nn.Module()
+    holder.proj_conv, holder.proj_bn = copy.deepcopy(layers[0]), copy.deepcopy(layers[1])
+    fold_batchnorm(holder)
+    assert isinstance(holder.proj_bn, torch.nn.Identity)
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(holder.proj_conv(x), layers(x), rtol=1e-5, atol=1e-5)
+
+
+def test_optimize_for_inference_matches_the_eval_model(golden: dict) -> None:
+    model = statten.create_model("sdt", **golden_model_config(golden["config"]))
+    statten.load_checkpoint(model, golden["state_dict"], strict=True)
+    model.eval()
+    before = copy.deepcopy(model.state_dict())
+    fast = optimize_for_inference(model, compile_kernels=False)
+    x = torch.cat([golden["input"], torch.randn(13, *golden["input"].shape[1:])])
+    plain_rates, fast_rates = statten.SpikeRecorder(model), statten.SpikeRecorder(fast)
+    with torch.inference_mode(), plain_rates, fast_rates:
+        logits = model(x)
+        fast_logits = fast(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(fast_logits, logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(fast_logits[:3], golden["logits_eval"], atol=1e-4, rtol=0)
+    for name, rate in plain_rates.mean_firing_rates().items():
+        assert abs(fast_rates.mean_firing_rates()[name] - rate) <= 1e-4, name
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name  # the original model is left as it was
+
+
+def test_bench_runs_end_to_end_and_writes_json(tmp_path: Path) -> None:
+    path = tmp_path / "bench.json"
+    argv = ["--device", "cpu", "-b", "4", "--repeats", "2", "--warmup", "1"]
+    bench.main([*argv, "--eager-kernels", "--json", str(path)])
+    document = json.loads(path.read_text())
+    assert document["train_flops_per_image"] == 3 * document["forward_flops_per_image"] > 0
+    assert document["matmul_flops_per_s_median"] > 0
+    measured = {(r["task"], r["mode"]) for r in document["results"]}
+    assert measured == {(t, m) for t in bench.TASKS for m in bench.MODES}
+    for result in document["results"]:
+        assert len(result["step_seconds"]) == 2
+        assert result["derived"]["images_per_s"] > 0
+        assert result["derived"]["matmul_fraction"] > 0
+        assert result["peak_memory_bytes"] >= result["memory_after_import_bytes"] > 0
+    assert set(document["ratios"]) >= {"train_speedup", "train_peak_memory_ratio", "infer_speedup"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_memory_efficient_training_on_cuda_matches_plain() -> None:
+    plain = _model().cuda().train()
+    fast = copy.deepcopy(plain)
+    fast.memory_efficient = True
+    x = _inputs(plain).cuda()
+    out, grads = _run(plain, x)
+    fast_out, fast_grads = _run(fast, x)
+    torch.testing.assert_close(fast_out, out, atol=1e-4, rtol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, atol=1e-4, rtol=1e-3)
