@@ -349,7 +349,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             results.append(result)
     summary = _summary(cfg, results, forward_flops)
     summary["ratios"] = _ratios({(r.task, r.mode): r for r in results})
-    document = {**summary, "results": [asdict(r) for r in results]}
+    document = {**summary, "config": config_to_dict(cfg), "results": [asdict(r) for r in results]}
     print(_report(summary, results))
     if cfg.json:
         Path(cfg.json).write_text(json.dumps(document, indent=2))

@@ -101,10 +101,14 @@ class _ConvBatchNormLIF(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias, *[None] * 6
 
 
-def _fusable(conv: nn.Module, bn: nn.Module) -> bool:
-    """A plain 2-D convolution followed by a training BatchNorm2d with running statistics."""
+def _fusable(conv: nn.Module, bn: nn.Module, x: torch.Tensor) -> bool:
+    """A plain 2-D convolution, then a training BatchNorm2d with running statistics, no autocast.
+
+    (Under autocast, e.g. bf16 on GPU, the layers run unfused: only the LIF is fused.)
+    """
     return (
-        type(conv) is nn.Conv2d
+        not torch.is_autocast_enabled(x.device.type)
+        and type(conv) is nn.Conv2d
         and conv.padding_mode == "zeros"
         and isinstance(bn, nn.BatchNorm2d)
         and bn.training
@@ -127,7 +131,7 @@ def fused_conv_bn_lif(
     ``neuron`` is ``(v_threshold, tau, alpha)``. With ``recompute`` the conv output is not stored
     but recomputed in backward: one more convolution for ``4 * numel`` fewer bytes.
     """
-    if not _fusable(conv, bn):
+    if not _fusable(conv, bn, x):
         y = bn(conv(x.flatten(0, 1)))
         return fused_lif(y.unflatten(0, x.shape[:2]), *neuron)
     bn.num_batches_tracked.add_(1)

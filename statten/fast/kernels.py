@@ -131,6 +131,8 @@ def _unrows(rows: torch.Tensor, like: torch.Tensor, order: list[int]) -> torch.T
 
 def lif_spikes(x: torch.Tensor, v_threshold: float, tau: float) -> torch.Tensor:
     """Spikes ``[T, ...]`` of a LIF layer fed ``x [T, ...]``, starting from ``V = 0``."""
+    if torch.compiler.is_compiling():  # inside a compiled model: traced into its graph
+        return _spikes(x, v_threshold, tau)
     order = _memory_order(x)
     return _unrows(_kernel(_spikes, _spikes_eager)(_rows(x, order), v_threshold, tau), x, order)
 
@@ -139,6 +141,8 @@ def lif_input_grad(
     grad_spikes: torch.Tensor, x: torch.Tensor, v_threshold: float, tau: float, alpha: float
 ) -> torch.Tensor:
     """Gradient w.r.t. the LIF input ``x [T, ...]`` from the gradient w.r.t. its spikes."""
+    if torch.compiler.is_compiling():
+        return _input_grad(grad_spikes, x, v_threshold, tau, alpha)
     order = _memory_order(x)
     grad = _kernel(_input_grad, _input_grad_eager)(
         _rows(grad_spikes, order), _rows(x, order), v_threshold, tau, alpha

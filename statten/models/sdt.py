@@ -35,7 +35,7 @@ ATTENTION_MODES = ("STAtten", "SDT")
 ATTENTION_V_THRESHOLD = 0.5  # attn_lif and talking_heads_lif fire at half the usual threshold
 # Patch-embedding stages whose conv output a memory-efficient model recomputes in backward rather
 # than stores: the cheap ones (few input channels). Attention and MLP 1x1 convs always recompute.
-RECOMPUTED_STAGES = ("", "1", "2")
+RECOMPUTED_STAGES = ("", "1")
 
 
 def per_step(modules: nn.Module | Iterable[nn.Module], x: torch.Tensor) -> torch.Tensor:
@@ -236,8 +236,9 @@ class SpikeDrivenTransformer(nn.Module):
     ``[T, B, num_classes]`` when ``TET`` is set. Every call starts from zero membrane potential.
 
     With ``memory_efficient=True`` the LIF layers run the fused kernels of :mod:`statten.fast`
-    (BatchNorm + LIF as one layer that recomputes instead of storing) and spikes are kept as
-    1-byte tensors for backward: identical outputs and gradients, about half the training memory.
+    (conv + BatchNorm + LIF as one layer that recomputes instead of storing) and spikes are kept
+    as 1-byte tensors for backward: bit-identical outputs and gradients, about a quarter of what
+    is stored for backward (docs/performance.md).
     """
 
     def __init__(
