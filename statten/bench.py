@@ -118,6 +118,13 @@ def _autocast(mode: str, device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
+def _use_kernels(fused: bool) -> None:
+    """Fused LIF kernels (C on CPU, torch.compile on GPU), or torch operations step by step."""
+    from statten.fast import use_native_kernels
+
+    use_native_kernels(fused)
+
+
 def _train_step(spec: dict[str, Any], cfg: argparse.Namespace, device: torch.device) -> Callable:
     from timm.optim import create_optimizer_v2, optimizer_kwargs
 
@@ -127,7 +134,8 @@ def _train_step(spec: dict[str, Any], cfg: argparse.Namespace, device: torch.dev
     images, targets = _inputs(cfg, model, spec["batch_size"], device)
     optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg))
     if spec["mode"] == "fast":
-        optimize_for_training(model, compile_kernels=spec["compile_kernels"])
+        _use_kernels(spec["fused_kernels"])
+        optimize_for_training(model, compile_kernels=spec["fused_kernels"])
         images = _channels_last(images)
     forward = torch.compile(model) if spec["compile"] and spec["mode"] == "fast" else model
 
@@ -148,7 +156,8 @@ def _infer_step(spec: dict[str, Any], cfg: argparse.Namespace, device: torch.dev
     model = create_model(cfg.model, **model_config(cfg)).to(device).eval()
     images, _ = _inputs(cfg, model, spec["batch_size"], device)
     if spec["mode"] == "fast":
-        model = optimize_for_inference(model, compile_kernels=spec["compile_kernels"])
+        _use_kernels(spec["fused_kernels"])
+        model = optimize_for_inference(model, compile_kernels=spec["fused_kernels"])
         images = _channels_last(images)
     forward = torch.compile(model) if spec["compile"] and spec["mode"] == "fast" else model
 
@@ -234,7 +243,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--eager-kernels",
         action="store_true",
-        help="fast mode without torch.compile of the LIF kernels (no C++ compiler needed)",
+        help="fast mode with the LIF kernels as torch operations (no C kernels, no torch.compile)",
     )
     parser.add_argument(
         "--compile", action="store_true", help="fast mode: also torch.compile the whole model"
@@ -293,7 +302,7 @@ def _specs(args: argparse.Namespace, cfg: argparse.Namespace) -> list[dict[str, 
         "repeats": args.repeats,
         "warmup": args.warmup,
         "matmul_size": args.matmul_size,
-        "compile_kernels": not args.eager_kernels,
+        "fused_kernels": not args.eager_kernels,
         "compile": args.compile,
     }
     return [

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,9 +16,11 @@ import statten
 from statten import bench
 from statten.fast import (
     fold_batchnorm,
+    native,
     optimize_for_inference,
     optimize_for_training,
     use_compiled_kernels,
+    use_native_kernels,
 )
 from statten.fast.kernels import lif_input_grad, lif_spikes
 from statten.fast.storage import _Packed, _SpikeStore, _unpack
@@ -129,40 +133,96 @@ def test_memory_efficient_training_stores_under_40_percent(monkeypatch: pytest.M
     assert fast_bytes < 0.4 * plain_bytes, (fast_bytes, plain_bytes)  # ~0.33 here, 0.24 for 2-512
 
 
+KERNELS = {"eager": (False, False), "native": (True, False), "compiled": (False, True)}
+
+
+@contextlib.contextmanager
+def _kernels(kind: str) -> Iterator[None]:
+    """Run the LIF kernels as ``kind``: torch operations, the C loops, or torch.compile."""
+    use_native, use_compiled = KERNELS[kind]
+    use_native_kernels(use_native)
+    use_compiled_kernels(use_compiled)
+    try:
+        yield
+    finally:
+        use_native_kernels(True)
+        use_compiled_kernels(False)
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """The layout of a channels-last conv output unflattened to ``[T, B, ...]``."""
+    return x.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, x.shape[:2])
+
+
+@pytest.mark.parametrize("kind", ["eager", "native"])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("v_threshold", [1.0, 0.5])
-def test_lif_kernels_equal_spikingjelly(v_threshold: float, channels_last: bool) -> None:
+def test_lif_kernels_equal_spikingjelly(v_threshold: float, channels_last: bool, kind: str) -> None:
     x = torch.randn(4, 3, 8, 5, 5) * 2
-    if channels_last:  # the layout of a channels-last conv output unflattened to [T, B, ...]
-        x = x.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, (4, 3))
-    x.requires_grad_()
+    x = (_channels_last(x) if channels_last else x).requires_grad_()
     spikes = LIF(v_threshold)(x)
     grad = torch.randn_like(spikes)
     spikes.backward(grad)
-    fast_spikes = lif_spikes(x.detach(), v_threshold, 2.0)
+    with _kernels(kind):
+        fast_spikes = lif_spikes(x.detach(), v_threshold, 2.0)
+        fast_grad = lif_input_grad(grad, x.detach(), v_threshold, 2.0, 4.0)
     assert torch.equal(fast_spikes, spikes)
     assert fast_spikes.stride() == x.stride()
-    assert torch.equal(lif_input_grad(grad, x.detach(), v_threshold, 2.0, 4.0), x.grad)
+    assert torch.equal(fast_grad, x.grad)
 
 
 def _kernel_outputs(x: torch.Tensor, grad: torch.Tensor) -> list[torch.Tensor]:
     outputs = []
     for v_threshold in (1.0, 0.5):
         outputs += [lif_spikes(x, v_threshold, 2.0), lif_input_grad(grad, x, v_threshold, 2.0, 4.0)]
+        in_place = x.clone()
+        outputs.append(lif_input_grad(grad, in_place, v_threshold, 2.0, 4.0, True))
     return outputs
 
 
-def test_compiled_kernels_equal_eager_kernels() -> None:
-    x = torch.randn(4, 2, 16, 7, 7) * 2
+# The C kernels leave the sigmoid to torch, row by row as the eager kernels do: equal bits for
+# any size. torch.compile's kernels take a scalar exp for the elements past the last full vector,
+# where torch takes a vectorised one: equal bits when a step has a multiple of 32 elements.
+@pytest.mark.parametrize(
+    ("kind", "shape"), [("native", (4, 3, 37, 7, 9)), ("compiled", (4, 2, 16, 7, 7))]
+)
+def test_fused_kernels_equal_eager_kernels(kind: str, shape: tuple[int, ...]) -> None:
+    x = _channels_last(torch.randn(shape) * 2)
     grad = torch.randn_like(x)
-    expected = _kernel_outputs(x, grad)
-    use_compiled_kernels(True)
-    try:
-        compiled = _kernel_outputs(x, grad)
-    finally:
-        use_compiled_kernels(False)
-    for eager, fast in zip(expected, compiled, strict=True):
+    with _kernels("eager"):
+        expected = _kernel_outputs(x, grad)
+    with _kernels(kind):
+        fused = _kernel_outputs(x, grad)
+    for eager, fast in zip(expected, fused, strict=True):
         assert torch.equal(eager, fast)
+        assert eager.stride() == fast.stride()
+
+
+def test_native_kernels_write_in_place_only_when_allowed() -> None:
+    x = torch.randn(4, 1000) * 2
+    kept, overwritten = x.clone(), x.clone()
+    grad = torch.randn_like(x)
+    lif_input_grad(grad, kept, 1.0, 2.0, 4.0)
+    assert torch.equal(kept, x)
+    result = lif_input_grad(grad, overwritten, 1.0, 2.0, 4.0, True)
+    assert result.data_ptr() == overwritten.data_ptr()
+
+
+def test_without_a_c_compiler_the_kernels_fall_back_to_torch(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("STATTEN_CACHE", str(tmp_path / "cache"))
+    native.library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="C LIF kernels could not be built"):
+            assert native.library() is None
+        x = torch.randn(4, 2, 8, 3, 3) * 2
+        with _kernels("eager"):
+            expected = lif_spikes(x, 1.0, 2.0)
+        assert torch.equal(lif_spikes(x, 1.0, 2.0), expected)
+    finally:
+        native.library.cache_clear()
 
 
 def test_spike_storage_packs_each_spike_tensor_once_as_uint8() -> None:

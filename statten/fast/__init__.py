@@ -4,8 +4,9 @@
   ``create_model("sdt", ..., memory_efficient=True)`` or ``model.memory_efficient = True``. LIF
   layers run fused kernels and store only their input; conv -> BatchNorm -> LIF runs as one
   layer that recomputes instead of storing; spikes are stored for backward as 1-byte tensors.
-- :func:`use_compiled_kernels`: compile the fused LIF kernels with ``torch.compile`` (bit-identical,
-  an order of magnitude faster on CPU; needs a C++ compiler there).
+- Fused LIF kernels, bit-identical to the step-by-step ones: on CPU C loops built on first use
+  with the system C compiler (:func:`use_native_kernels`, on by default); elsewhere, after
+  :func:`use_compiled_kernels`, ``torch.compile``d functions (Triton on CUDA).
 - :func:`optimize_for_training`: all of the above plus channels-last weights (faster oneDNN
   convolutions on CPU, tensor cores on GPU; changes rounding).
 - :func:`optimize_for_inference`: BatchNorm folded into convolutions, fused kernels, channels-last
@@ -18,7 +19,11 @@ import torch
 from torch import nn
 
 from statten.fast.inference import fold_batchnorm, optimize_for_inference
-from statten.fast.kernels import compiled_kernels_enabled, use_compiled_kernels
+from statten.fast.kernels import (
+    compiled_kernels_enabled,
+    use_compiled_kernels,
+    use_native_kernels,
+)
 from statten.fast.storage import mark_spikes, spike_storage
 
 __all__ = [
@@ -29,15 +34,17 @@ __all__ = [
     "optimize_for_training",
     "spike_storage",
     "use_compiled_kernels",
+    "use_native_kernels",
 ]
 
 
 def optimize_for_training(
     model: nn.Module, channels_last: bool = True, compile_kernels: bool = True
 ) -> nn.Module:
-    """Switch ``model`` (in place) to memory-efficient training, compiled kernels, channels-last.
+    """Switch ``model`` (in place) to memory-efficient training, fused kernels, channels-last.
 
-    With ``channels_last``, feed channels-last inputs
+    ``compile_kernels`` compiles the LIF kernels with ``torch.compile`` where the C kernels do not
+    run (GPU tensors, or no C compiler). With ``channels_last``, feed channels-last inputs
     (``images.contiguous(memory_format=torch.channels_last)``).
     """
     model.memory_efficient = True

@@ -83,8 +83,8 @@ class _ConvBatchNormLIF(torch.autograd.Function):
         if out is None:
             out = conv._conv_forward(flat, conv_weight, conv_bias)
         y = torch.ops.aten.native_batch_norm(out, bn_weight, bn_bias, None, None, True, 0.0, bn.eps)
-        grad_y = lif_input_grad(
-            grad_spikes, y[0].unflatten(0, x.shape[:2]), v_threshold, tau, alpha
+        grad_y = lif_input_grad(  # into y's memory where the kernels can
+            grad_spikes, y[0].unflatten(0, x.shape[:2]), v_threshold, tau, alpha, True
         )
         del y
         grad_out, grad_bn_weight, grad_bn_bias = torch.ops.aten.native_batch_norm_backward(

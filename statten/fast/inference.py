@@ -56,7 +56,8 @@ def optimize_for_inference(
     """An eval-mode copy of ``model`` for fast inference; ``model`` itself is left unchanged.
 
     BatchNorm is folded into the convolutions, LIF layers run the fused kernels of
-    :mod:`statten.fast.kernels` (compiled with ``torch.compile`` when ``compile_kernels``) and,
+    :mod:`statten.fast.kernels` (C on CPU; compiled with ``torch.compile`` elsewhere when
+    ``compile_kernels``) and,
     with ``channels_last``, weights are laid out channels-last (faster oneDNN convolutions on
     CPU, tensor cores on GPU; pass channels-last inputs too). Run it under
     ``torch.inference_mode()``.

@@ -6,10 +6,14 @@ The arithmetic is SpikingJelly's, operation for operation (``H = V + (X - V) / t
 :class:`statten.neurons.LIF` under autograd. The backward recomputes the membrane potentials from
 the input instead of reading a stored sequence.
 
-Two implementations of the same arithmetic: eager, step by step with in-place operations and few
-temporaries (the default), and, after :func:`use_compiled_kernels`, ``torch.compile``d functions
-in which each element's T steps stay in registers (C++ on CPU, Triton on CUDA): several times
-faster, at the price of a one-off compilation and of the compiler's own memory (~0.1 GB).
+Three implementations of the same arithmetic:
+
+- on CPU, the C loops of ``lif.c`` (:mod:`statten.fast.native`), in which each element's T steps
+  stay in registers, built on first use with the system C compiler (unless
+  ``use_native_kernels(False)``);
+- after :func:`use_compiled_kernels`, ``torch.compile``d functions doing the same (Triton on
+  CUDA, C++ on CPU), at the price of a one-off compilation and of the compiler's memory;
+- otherwise eager torch operations, step by step, in place, with few temporaries.
 """
 
 from __future__ import annotations
@@ -18,10 +22,19 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["compiled_kernels_enabled", "lif_input_grad", "lif_spikes", "use_compiled_kernels"]
+from statten.fast import native
+
+__all__ = [
+    "compiled_kernels_enabled",
+    "lif_input_grad",
+    "lif_spikes",
+    "use_compiled_kernels",
+    "use_native_kernels",
+]
 
 _compiled: dict[str, Callable[..., torch.Tensor]] = {}
 _use_compiled = False
+_use_native = True
 
 
 def _spikes_eager(x: torch.Tensor, v_threshold: float, tau: float) -> torch.Tensor:
@@ -100,6 +113,16 @@ def compiled_kernels_enabled() -> bool:
     return _use_compiled
 
 
+def use_native_kernels(enabled: bool = True) -> None:
+    """Run the LIF kernels on CPU as the C loops of ``lif.c`` (the default) or not."""
+    global _use_native
+    _use_native = enabled
+
+
+def _native(*rows: torch.Tensor) -> bool:
+    return _use_native and all(native.available(r) for r in rows)
+
+
 def _kernel(
     fn: Callable[..., torch.Tensor], eager: Callable[..., torch.Tensor]
 ) -> Callable[..., torch.Tensor]:
@@ -134,17 +157,35 @@ def lif_spikes(x: torch.Tensor, v_threshold: float, tau: float) -> torch.Tensor:
     if torch.compiler.is_compiling():  # inside a compiled model: traced into its graph
         return _spikes(x, v_threshold, tau)
     order = _memory_order(x)
-    return _unrows(_kernel(_spikes, _spikes_eager)(_rows(x, order), v_threshold, tau), x, order)
+    rows = _rows(x, order)
+    if _native(rows):
+        return _unrows(native.lif_spikes(rows, v_threshold, tau), x, order)
+    return _unrows(_kernel(_spikes, _spikes_eager)(rows, v_threshold, tau), x, order)
 
 
 def lif_input_grad(
-    grad_spikes: torch.Tensor, x: torch.Tensor, v_threshold: float, tau: float, alpha: float
+    grad_spikes: torch.Tensor,
+    x: torch.Tensor,
+    v_threshold: float,
+    tau: float,
+    alpha: float,
+    overwrite_input: bool = False,
 ) -> torch.Tensor:
-    """Gradient w.r.t. the LIF input ``x [T, ...]`` from the gradient w.r.t. its spikes."""
+    """Gradient w.r.t. the LIF input ``x [T, ...]`` from the gradient w.r.t. its spikes.
+
+    With ``overwrite_input`` the C kernels may write the gradient into ``x``'s memory (for a
+    caller that no longer needs ``x``: one tensor fewer at the backward pass's peak).
+    """
     if torch.compiler.is_compiling():
         return _input_grad(grad_spikes, x, v_threshold, tau, alpha)
     order = _memory_order(x)
-    grad = _kernel(_input_grad, _input_grad_eager)(
-        _rows(grad_spikes, order), _rows(x, order), v_threshold, tau, alpha
-    )
+    rows, grad_rows = _rows(x, order), _rows(grad_spikes, order)
+    if _native(rows, grad_rows):
+        copied = rows.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+        work = rows if overwrite_input or copied else torch.empty_like(rows)
+        below = native.lif_charge(rows, work, v_threshold, tau, alpha)
+        for step in work:  # torch's sigmoid, row by row as in _input_grad_eager: same bits
+            step.sigmoid_()
+        return _unrows(native.lif_grad(work, grad_rows, below, tau, alpha), x, order)
+    grad = _kernel(_input_grad, _input_grad_eager)(grad_rows, rows, v_threshold, tau, alpha)
     return _unrows(grad, x, order)
