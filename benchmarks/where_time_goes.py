@@ -21,6 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 from statten.config import model_config, parse_config
 from statten.factory import create_model
 from statten.fast import optimize_for_training
+from statten.fast.functions import ctx_tensors
 from statten.fast.storage import _Packed, _SpikeStore
 
 KINDS = {  # operator-name fragment -> kind, first match wins
@@ -93,9 +94,12 @@ def saved_bytes_by_layer(model: torch.nn.Module, images: torch.Tensor) -> Counte
     _SpikeStore.pack = pack
     try:
         with torch.autograd.graph.saved_tensors_hooks(lambda t: record(t) or t, lambda t: t):
-            model(images)
+            out = model(images)
     finally:
         _SpikeStore.pack = real_pack
+    for function, tensor in ctx_tensors(out):
+        current[0] = f"{function} ctx"
+        record(tensor)
     return by_layer
 
 

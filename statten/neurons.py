@@ -40,10 +40,11 @@ class _FreshStateMixin:
 class LIF(_FreshStateMixin, neuron.LIFNode):
     """Multi-step LIF, ``H = V + (X - V) / 2``, spike when ``H >= v_threshold``, hard reset to 0.
 
-    ``layer(x, conv_bn=(conv, bn))`` gives the spikes of ``bn(conv(x))`` applied to every time
-    step of ``x [T, B, C, H, W]``. With ``fused = True`` (see :mod:`statten.fast`) the layer runs
-    fused kernels, and conv, BatchNorm and neuron run as one memory-efficient layer, which
-    recomputes the conv output in backward instead of storing it when ``recompute=True``.
+    ``layer(x, conv_bn=(conv, bn), pool=pool)`` gives the spikes of ``bn(conv(x))`` applied to
+    every time step of ``x [T, B, C, H, W]``, max-pooled per step by ``pool`` if given. With
+    ``fused = True`` (see :mod:`statten.fast`) the layer runs fused kernels, and conv, BatchNorm,
+    neuron and pool run as one memory-efficient layer, which recomputes the conv output in
+    backward instead of storing it when ``recompute=True``.
     """
 
     def __init__(self, v_threshold: float = 1.0) -> None:
@@ -61,16 +62,18 @@ class LIF(_FreshStateMixin, neuron.LIFNode):
         x_seq: torch.Tensor,
         conv_bn: tuple[nn.Module, nn.Module] | None = None,
         recompute: bool = False,
+        pool: nn.MaxPool2d | None = None,
     ) -> torch.Tensor:
         neuron = (self.v_threshold, TAU, SURROGATE_ALPHA)
         if conv_bn is None:
             return fused_lif(x_seq, *neuron) if self.fused else super().multi_step_forward(x_seq)
         if self.fused:
-            return fused_conv_bn_lif(*conv_bn, x_seq, neuron, recompute)
+            return fused_conv_bn_lif(*conv_bn, x_seq, neuron, recompute, pool)
         conv, bn = conv_bn
-        return super().multi_step_forward(
+        spikes = super().multi_step_forward(
             bn(conv(x_seq.flatten(0, 1))).unflatten(0, x_seq.shape[:2])
         )
+        return spikes if pool is None else pool(spikes.flatten(0, 1)).unflatten(0, spikes.shape[:2])
 
 
 class PLIF(_FreshStateMixin, neuron.ParametricLIFNode):

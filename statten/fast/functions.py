@@ -14,6 +14,7 @@ autograd.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ from torch import nn
 from statten.fast.kernels import lif_input_grad, lif_spikes
 from statten.fast.storage import mark_spikes
 
-__all__ = ["fused_conv_bn_lif", "fused_lif", "max_pool"]
+__all__ = ["ctx_tensors", "fused_conv_bn_lif", "fused_lif", "max_pool"]
 
 
 class _LIF(torch.autograd.Function):
@@ -47,7 +48,14 @@ def fused_lif(x: torch.Tensor, v_threshold: float, tau: float, alpha: float) -> 
 
 
 class _ConvBatchNormLIF(torch.autograd.Function):
-    """conv -> BatchNorm (training) -> LIF over ``[T, B, C, H, W]``, T and B folded for conv/BN."""
+    """conv -> BatchNorm (training) -> LIF [-> max pool] over ``[T, B, C, H, W]``.
+
+    T and B are folded for conv, BatchNorm and pooling. Backward works from the deepest layer
+    up and unpacks the conv input (saved as 1-byte spikes) only for the conv's gradients, so at
+    any moment it holds as few full-size tensors as it can: the conv output is kept on ``ctx``
+    and dropped once BatchNorm's gradient is done (a second backward, with ``retain_graph``,
+    recomputes it). BatchNorm's affine parameters are read from the module in backward.
+    """
 
     @staticmethod
     def forward(
@@ -63,42 +71,56 @@ class _ConvBatchNormLIF(torch.autograd.Function):
         bn: nn.BatchNorm2d,
         neuron: tuple[float, float, float],
         recompute: bool,
+        pool: nn.MaxPool2d | None,
     ) -> Any:
         out = conv._conv_forward(x.flatten(0, 1), conv_weight, conv_bias)
         y, mean, invstd = torch.ops.aten.native_batch_norm(
             out, bn_weight, bn_bias, running_mean, running_var, True, bn.momentum, bn.eps
         )
-        stored = None if recompute else out
-        ctx.save_for_backward(x, conv_weight, conv_bias, bn_weight, bn_bias, mean, invstd, stored)
-        ctx.modules, ctx.neuron = (conv, bn), neuron
-        del out, stored  # unless saved, free the conv output before the spikes are allocated
-        return lif_spikes(y.unflatten(0, x.shape[:2]), neuron[0], neuron[1])
+        ctx.save_for_backward(x, conv_weight, conv_bias)
+        ctx.modules, ctx.neuron, ctx.steps = (conv, bn), neuron, x.shape[:2]
+        ctx.batch_norm_stats = (mean, invstd)
+        ctx.conv_output = None if recompute else out
+        del out  # unless kept, free the conv output before the spikes are allocated
+        spikes = lif_spikes(y.unflatten(0, x.shape[:2]), neuron[0], neuron[1])
+        del y
+        ctx.pooling = None
+        if pool is None:
+            return spikes
+        pooled, ctx.pooling = _pool(pool, spikes.flatten(0, 1))
+        return pooled.unflatten(0, x.shape[:2])
 
     @staticmethod
-    def backward(ctx: Any, grad_spikes: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, conv_weight, conv_bias, bn_weight, bn_bias, mean, invstd, out = ctx.saved_tensors
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         conv, bn = ctx.modules
         v_threshold, tau, alpha = ctx.neuron
-        flat = x.flatten(0, 1)
+        mean, invstd = ctx.batch_norm_stats
+        grad_spikes = grad_output
+        if ctx.pooling is not None:
+            grad_spikes = _unpool(grad_output.flatten(0, 1), *ctx.pooling).unflatten(0, ctx.steps)
+        out, ctx.conv_output = ctx.conv_output, None
         if out is None:
-            out = conv._conv_forward(flat, conv_weight, conv_bias)
-        y = torch.ops.aten.native_batch_norm(out, bn_weight, bn_bias, None, None, True, 0.0, bn.eps)
+            x, conv_weight, conv_bias = ctx.saved_tensors
+            out = conv._conv_forward(x.flatten(0, 1), conv_weight, conv_bias)
+            del x
+        y = torch.ops.aten.native_batch_norm(out, bn.weight, bn.bias, None, None, True, 0.0, bn.eps)
         grad_y = lif_input_grad(  # into y's memory where the kernels can
-            grad_spikes, y[0].unflatten(0, x.shape[:2]), v_threshold, tau, alpha, True
+            grad_spikes, y[0].unflatten(0, ctx.steps), v_threshold, tau, alpha, True
         )
-        del y
+        del y, grad_spikes
         grad_out, grad_bn_weight, grad_bn_bias = torch.ops.aten.native_batch_norm_backward(
-            grad_y.flatten(0, 1), out, bn_weight, None, None, mean, invstd, True, bn.eps,
+            grad_y.flatten(0, 1), out, bn.weight, None, None, mean, invstd, True, bn.eps,
             [True, *ctx.needs_input_grad[3:5]],
         )  # fmt: skip
-        del grad_y, out  # free before the conv gradients are allocated
+        del grad_y, out  # free before the conv input is unpacked and its gradients allocated
+        x, conv_weight, conv_bias = ctx.saved_tensors
         bias_sizes = None if conv_bias is None else list(conv_bias.shape)
         grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-            grad_out, flat, conv_weight, bias_sizes, conv.stride, conv.padding, conv.dilation,
-            False, [0, 0], conv.groups, list(ctx.needs_input_grad[:3]),
+            grad_out, x.flatten(0, 1), conv_weight, bias_sizes, conv.stride, conv.padding,
+            conv.dilation, False, [0, 0], conv.groups, list(ctx.needs_input_grad[:3]),
         )  # fmt: skip
-        grad_x = None if grad_x is None else grad_x.unflatten(0, x.shape[:2])
-        return grad_x, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias, *[None] * 6
+        grad_x = None if grad_x is None else grad_x.unflatten(0, ctx.steps)
+        return grad_x, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias, *[None] * 7
 
 
 def _fusable(conv: nn.Module, bn: nn.Module, x: torch.Tensor) -> bool:
@@ -125,41 +147,58 @@ def fused_conv_bn_lif(
     x: torch.Tensor,
     neuron: tuple[float, float, float],
     recompute: bool = False,
+    pool: nn.MaxPool2d | None = None,
 ) -> torch.Tensor:
     """Spikes of a LIF layer fed ``bn(conv(x))`` per time step of ``x [T, B, C, H, W]``.
 
     ``neuron`` is ``(v_threshold, tau, alpha)``. With ``recompute`` the conv output is not stored
-    but recomputed in backward: one more convolution for ``4 * numel`` fewer bytes.
+    but recomputed in backward: one more convolution for ``4 * numel`` fewer bytes. With
+    ``pool`` the spikes are max-pooled per time step inside the layer, so that backward holds
+    the gradient of the full-size spikes only while it needs it.
     """
     if not _fusable(conv, bn, x):
         y = bn(conv(x.flatten(0, 1)))
-        return fused_lif(y.unflatten(0, x.shape[:2]), *neuron)
+        spikes = fused_lif(y.unflatten(0, x.shape[:2]), *neuron)
+        if pool is None:
+            return spikes
+        return mark_spikes(max_pool(pool, spikes.flatten(0, 1)).unflatten(0, x.shape[:2]))
     bn.num_batches_tracked.add_(1)
     spikes = _ConvBatchNormLIF.apply(
         x, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
-        conv, bn, neuron, recompute,
+        conv, bn, neuron, recompute, pool,
     )  # fmt: skip
     return mark_spikes(spikes)
+
+
+def _pool(pool: nn.MaxPool2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple[Any, ...]]:
+    """``pool(x)`` for ``x [N, C, H, W]``, and what :func:`_unpool` needs (int32 argmaxes)."""
+    out, indices = F.max_pool2d_with_indices(
+        x, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode
+    )
+    return out, (indices.to(torch.int32), x.shape, x.stride())
+
+
+def _unpool(
+    grad_out: torch.Tensor, indices: torch.Tensor, shape: torch.Size, stride: tuple[int, ...]
+) -> torch.Tensor:
+    """Gradient w.r.t. a max pool's input: ``grad_out`` summed into each window's argmax."""
+    grad_x = torch.empty_strided(shape, stride, dtype=grad_out.dtype, device=grad_out.device)
+    planes = grad_x.zero_().view(shape[0], shape[1], -1)
+    planes.scatter_add_(2, indices.flatten(2).long(), grad_out.flatten(2))
+    return grad_x
 
 
 class _MaxPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, pool: nn.MaxPool2d) -> Any:
-        out, indices = F.max_pool2d_with_indices(
-            x, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode
-        )
-        ctx.save_for_backward(indices.to(torch.int32))
-        ctx.input_layout = (x.shape, x.stride())
+        out, (indices, *ctx.input_layout) = _pool(pool, x)
+        ctx.save_for_backward(indices)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (indices,) = ctx.saved_tensors
-        shape, stride = ctx.input_layout
-        grad_x = torch.empty_strided(shape, stride, dtype=grad_out.dtype, device=grad_out.device)
-        planes = grad_x.zero_().view(shape[0], shape[1], -1)
-        planes.scatter_add_(2, indices.flatten(2).long(), grad_out.flatten(2))
-        return grad_x, None
+        return _unpool(grad_out, indices, *ctx.input_layout), None
 
 
 def max_pool(pool: nn.MaxPool2d, x: torch.Tensor) -> torch.Tensor:
@@ -167,3 +206,25 @@ def max_pool(pool: nn.MaxPool2d, x: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() and x.requires_grad and not pool.return_indices:
         return _MaxPool.apply(x, pool)
     return pool(x)
+
+
+def ctx_tensors(output: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(function name, tensor)`` for the tensors the graph of ``output`` keeps on ``ctx``.
+
+    These are kept for backward outside ``saved_tensors`` (and its hooks): memory accounting must
+    add them to what the saved-tensor hooks see.
+    """
+    seen, stack = set(), [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+        values = list(vars(node).values()) if hasattr(node, "__dict__") else []
+        while values:
+            value = values.pop()
+            if isinstance(value, torch.Tensor):
+                yield type(node).__name__.removesuffix("Backward"), value
+            elif isinstance(value, tuple | list):
+                values.extend(value)

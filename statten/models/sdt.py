@@ -18,7 +18,7 @@ from torch import nn
 
 from statten.attention import SpatioTemporalAttention, dvs_max_pool
 from statten.fast.functions import max_pool
-from statten.fast.storage import mark_spikes, spike_storage, storing_spikes
+from statten.fast.storage import spike_storage, storing_spikes
 from statten.neurons import LIF, check_spike_mode, create_neuron
 
 __all__ = [
@@ -44,12 +44,21 @@ def per_step(modules: nn.Module | Iterable[nn.Module], x: torch.Tensor) -> torch
 
 
 def conv_bn_lif(
-    conv: nn.Module, bn: nn.Module, lif: nn.Module, x: torch.Tensor, recompute: bool = False
+    conv: nn.Module,
+    bn: nn.Module,
+    lif: nn.Module,
+    x: torch.Tensor,
+    recompute: bool = False,
+    pool: nn.MaxPool2d | None = None,
 ) -> torch.Tensor:
-    """``lif(bn(conv(x)))``, conv and BN per time step; a fused LIF runs the three as one layer."""
+    """``lif(bn(conv(x)))`` with conv and BN per time step, then ``pool`` per step if given.
+
+    A fused LIF runs them all as one layer.
+    """
     if getattr(lif, "fused", False):
-        return lif(x, conv_bn=(conv, bn), recompute=recompute)
-    return lif(per_step((conv, bn), x))
+        return lif(x, conv_bn=(conv, bn), recompute=recompute, pool=pool)
+    spikes = lif(per_step((conv, bn), x))
+    return spikes if pool is None else per_step(pool, spikes)
 
 
 def drop_path_per_sample(x: torch.Tensor, prob: float, training: bool) -> torch.Tensor:
@@ -93,18 +102,21 @@ class SpikingPatchEmbed(nn.Module):
 
     def _stage(self, suffix: str, pool: bool, x: torch.Tensor) -> torch.Tensor:
         conv, bn = getattr(self, f"proj_conv{suffix}"), getattr(self, f"proj_bn{suffix}")
-        if suffix == "3":
+        if suffix == "3":  # the last stage ends on membrane potentials (no LIF)
             x = per_step((conv, bn), x)
-        else:
-            lif = getattr(self, f"proj_lif{suffix}")
-            x = conv_bn_lif(conv, bn, lif, x, recompute=suffix in RECOMPUTED_STAGES)
-        return self._pool(x, spikes=suffix != "3") if pool else x
+            return self._pool(x) if pool else x
+        lif = getattr(self, f"proj_lif{suffix}")
+        recompute = suffix in RECOMPUTED_STAGES
+        if pool and storing_spikes():  # memory-efficient training: pooled inside the fused layer
+            return conv_bn_lif(conv, bn, lif, x, recompute, self.maxpool)
+        x = conv_bn_lif(conv, bn, lif, x, recompute)
+        return per_step(self.maxpool, x) if pool else x
 
-    def _pool(self, x: torch.Tensor, spikes: bool) -> torch.Tensor:
-        if not storing_spikes():
-            return per_step(self.maxpool, x)
-        pooled = max_pool(self.maxpool, x.flatten(0, 1)).unflatten(0, x.shape[:2])
-        return mark_spikes(pooled) if spikes else pooled
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        """Max pool per step, keeping int32 argmaxes for backward in a memory-efficient forward."""
+        if storing_spikes():
+            return max_pool(self.maxpool, x.flatten(0, 1)).unflatten(0, x.shape[:2])
+        return per_step(self.maxpool, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for suffix, pool in zip(("", "1", "2", "3"), self.pool_after_stage, strict=True):
