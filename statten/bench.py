@@ -10,6 +10,9 @@ training step counts 3x the forward pass). ``--json FILE`` writes all numbers.
 
     statten bench -c conf/cifar10/2_512_200E_t4.yml -b 16 --device cpu --json bench.json
 
+Inference runs a model whose BatchNorm statistics are calibrated on the random batch
+(:func:`calibrate_batchnorm`), so that its layers fire as in training.
+
 Peak memory: on CPU the peak resident set size (``ru_maxrss``) of the measuring process, also
 given above the process's size right after its imports; on GPU ``torch.cuda.max_memory_allocated``.
 """
@@ -150,11 +153,34 @@ def _train_step(spec: dict[str, Any], cfg: argparse.Namespace, device: torch.dev
     return step
 
 
+@torch.no_grad()
+def calibrate_batchnorm(model: torch.nn.Module, images: torch.Tensor, chunk: int = 4) -> None:
+    """Set BatchNorm's running statistics to those of ``images``, then switch to eval mode.
+
+    An untrained model's default statistics (mean 0, variance 1) silence every layer after the
+    first, so inference would run on all-zero spikes; calibrated, layers fire as in training.
+    The statistics are averaged over chunks of ``chunk`` images, so that calibrating does not
+    raise the process's peak memory above that of the inference being measured.
+    """
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in norms]
+    for bn in norms:
+        bn.reset_running_stats()
+        bn.momentum = None  # a cumulative average over the passes
+    model.train()
+    for part in images.split(chunk):
+        model(part)
+    for bn, momentum in zip(norms, momenta, strict=True):
+        bn.momentum = momentum
+    model.eval()
+
+
 def _infer_step(spec: dict[str, Any], cfg: argparse.Namespace, device: torch.device) -> Callable:
     from statten.fast import optimize_for_inference
 
-    model = create_model(cfg.model, **model_config(cfg)).to(device).eval()
+    model = create_model(cfg.model, **model_config(cfg)).to(device)
     images, _ = _inputs(cfg, model, spec["batch_size"], device)
+    calibrate_batchnorm(model, images)
     if spec["mode"] == "fast":
         _use_kernels(spec["fused_kernels"])
         model = optimize_for_inference(model, compile_kernels=spec["fused_kernels"])

@@ -7,6 +7,7 @@ import copy
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from statten.fast import (
     use_native_kernels,
 )
 from statten.fast.functions import ctx_tensors
+from statten.fast.inference import SpikeConv2d
 from statten.fast.kernels import lif_input_grad, lif_spikes
 from statten.fast.storage import _Packed, _SpikeStore, _unpack
 from statten.neurons import LIF
@@ -285,6 +287,57 @@ def test_fold_batchnorm_matches_conv_then_batchnorm() -> None:
     x = torch.randn(2, 4, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(holder.proj_conv(x), layers(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kernel", "channels", "size", "density"), [(3, (16, 32), 9, 0.1), (1, (48, 80), 5, 0.3)]
+)
+def test_spike_conv_adds_the_weights_of_the_spikes(
+    kernel: int, channels: tuple[int, int], size: int, density: float
+) -> None:
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(*channels, kernel, padding=kernel // 2)
+    spike_conv = SpikeConv2d.from_conv(conv)
+    spike_conv.max_density = 1.0
+    x = (torch.rand(3, channels[0], size, size) < density).float()
+    calls = []
+    with torch.inference_mode(), _counting_spike_convs(calls):
+        expected = conv(x)
+        out = spike_conv(x)
+        dense = spike_conv(x * 0.5)  # not spikes: the dense convolution
+    assert calls == [True, False]
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)  # the order of the sums differs
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(dense, conv(x * 0.5))
+
+
+def test_spike_conv_runs_dense_when_too_dense_or_under_autograd() -> None:
+    torch.manual_seed(0)
+    spike_conv = SpikeConv2d(16, 32, 3, padding=1)
+    x = (torch.rand(2, 16, 6, 6) < 0.5).float()
+    calls = []
+    with _counting_spike_convs(calls):
+        out = spike_conv(x)  # autograd on
+        with torch.inference_mode():
+            spike_conv(x)  # half of the inputs are ones: above max_density
+    assert out.requires_grad and calls == [False]
+
+
+@contextlib.contextmanager
+def _counting_spike_convs(calls: list[bool]) -> Iterator[None]:
+    """Record, for each call of the C spike convolution, whether it ran (True) or declined."""
+    real = native.spike_conv2d
+
+    def counting(*args: Any) -> torch.Tensor | None:
+        out = real(*args)
+        calls.append(out is not None)
+        return out
+
+    native.spike_conv2d = counting
+    try:
+        yield
+    finally:
+        native.spike_conv2d = real
 
 
 def test_optimize_for_inference_matches_the_eval_model(golden: dict) -> None:

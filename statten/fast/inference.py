@@ -1,21 +1,92 @@
-"""Inference fast path: BatchNorm folded into convolutions, fused LIF kernels, channels-last.
+"""Inference fast path: BatchNorm folded into convolutions, fused LIF kernels, channels-last, and
+spike-driven convolutions on CPU.
 
-Folding rounds differently from running conv and BatchNorm apart, so a membrane potential that
-lands within a rounding error of a threshold can fire on one side and not the other: outputs
-match the plain eval model up to the measured deviation documented in docs/performance.md.
+Folding rounds differently from running conv and BatchNorm apart, and a spike-driven convolution
+adds its terms in another order than a dense one, so a membrane potential that lands within a
+rounding error of a threshold can fire on one side and not the other: outputs match the plain
+eval model up to the measured deviation documented in docs/performance.md.
 """
 
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import nn
 
+from statten.fast import native
 from statten.fast.kernels import use_compiled_kernels
 from statten.neurons import LIF
 
-__all__ = ["fold_batchnorm", "optimize_for_inference"]
+__all__ = ["SpikeConv2d", "fold_batchnorm", "optimize_for_inference"]
+
+# Densities of ones up to which adding the weights of the spikes beats oneDNN's dense
+# convolution on CPU (measured on 2 Zen 4 cores, benchmarks/spike_conv.py).
+MAX_DENSITY = {1: 0.25, 3: 0.3}
+
+
+class SpikeConv2d(nn.Conv2d):
+    """A convolution that, fed 0/1 spikes on CPU without autograd, adds the weights of the spikes.
+
+    Work grows with the number of spikes instead of the number of inputs (``spike_conv.c``): a
+    spiking network's layers see 3-30 % ones. Any other input (other values, more than
+    ``max_density`` ones, autograd, GPU, strides, groups) runs the ordinary dense convolution.
+    """
+
+    def __init__(self, *args: Any, max_density: float | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        default = MAX_DENSITY.get(self.kernel_size[0], min(MAX_DENSITY.values()))
+        self.max_density = default if max_density is None else max_density
+        self._taps: tuple[int, torch.Tensor] | None = None
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d) -> SpikeConv2d:
+        """The same convolution, sharing ``conv``'s parameters, as a :class:`SpikeConv2d`."""
+        spike_conv = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+            conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, device="meta",
+        )  # fmt: skip
+        spike_conv.weight, spike_conv.bias = conv.weight, conv.bias
+        return spike_conv
+
+    def _weight_taps(self) -> torch.Tensor:
+        """The weights as ``[kh, kw, C_in, C_out]`` (cached until the weights change)."""
+        version = self.weight._version
+        if self._taps is None or self._taps[0] != version:
+            self._taps = (version, self.weight.detach().permute(2, 3, 1, 0).contiguous())
+        return self._taps[1]
+
+    def _spike_driven(self, x: torch.Tensor) -> bool:
+        padding = self.padding
+        return (
+            not torch.is_grad_enabled()
+            and x.dim() == 4
+            and x.device.type == "cpu"
+            and x.dtype == self.weight.dtype == torch.float32
+            and self.stride == (1, 1)
+            and self.dilation == (1, 1)
+            and self.groups == 1
+            and self.padding_mode == "zeros"
+            and isinstance(padding, tuple)
+            and padding[0] == padding[1]
+            and self.out_channels % 16 == 0
+            and native.library() is not None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._spike_driven(x):
+            bias = None if self.bias is None else self.bias.detach()
+            out = native.spike_conv2d(
+                x.contiguous(memory_format=torch.channels_last),
+                self._weight_taps(),
+                bias,
+                self.padding[0],
+                self.max_density,
+            )
+            if out is not None:
+                return out
+        return super().forward(x)
 
 
 def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
@@ -50,8 +121,20 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return model
 
 
+def spike_driven_convolutions(model: nn.Module) -> nn.Module:
+    """Turn every ``nn.Conv2d`` of ``model`` (in place) into a :class:`SpikeConv2d`."""
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if type(child) is nn.Conv2d:
+                setattr(module, name, SpikeConv2d.from_conv(child))
+    return model
+
+
 def optimize_for_inference(
-    model: nn.Module, channels_last: bool = True, compile_kernels: bool = True
+    model: nn.Module,
+    channels_last: bool = True,
+    compile_kernels: bool = True,
+    spike_driven: bool = True,
 ) -> nn.Module:
     """An eval-mode copy of ``model`` for fast inference; ``model`` itself is left unchanged.
 
@@ -59,8 +142,9 @@ def optimize_for_inference(
     :mod:`statten.fast.kernels` (C on CPU; compiled with ``torch.compile`` elsewhere when
     ``compile_kernels``) and,
     with ``channels_last``, weights are laid out channels-last (faster oneDNN convolutions on
-    CPU, tensor cores on GPU; pass channels-last inputs too). Run it under
-    ``torch.inference_mode()``.
+    CPU, tensor cores on GPU; pass channels-last inputs too). With ``spike_driven``, convolutions
+    fed spikes on CPU add the weights of the spikes instead of multiplying every input
+    (:class:`SpikeConv2d`). Run it under ``torch.inference_mode()``.
     """
     fast = fold_batchnorm(copy.deepcopy(model).eval())
     for module in fast.modules():
@@ -68,6 +152,8 @@ def optimize_for_inference(
             module.fused = True
     if compile_kernels:
         use_compiled_kernels(True)
+    if spike_driven:
+        spike_driven_convolutions(fast)
     if channels_last:
         fast = fast.to(memory_format=torch.channels_last)
     return fast

@@ -11,11 +11,11 @@
  * surrogate gradient is left to torch (between lif_charge and lif_grad), whose vectorised exp
  * this file cannot reproduce bit for bit.
  */
-#include <pthread.h>
 #include <stdint.h>
 
+#include "parallel.h"
+
 #define BLOCK 256
-#define MAX_THREADS 256
 
 /* Inner loops read element i of a row before writing element i of a row that may be the same
  * one (in-place): safe to vectorise, which the compiler cannot prove by itself. */
@@ -26,22 +26,23 @@
 #else
 #define VECTORIZE
 #endif
+
 typedef struct {
     const float *x;      /* input (spikes, charge) or sigmoid of the surrogate (grad) */
     const float *grad;   /* gradient w.r.t. the spikes (grad) */
     float *out;          /* spikes (spikes), surrogate argument (charge), input gradient (grad) */
     uint8_t *below;      /* 1 where the charged potential stayed below the threshold */
-    int64_t steps, n, begin, end;
+    int64_t steps, n;
     float v_threshold, tau, alpha;
-} Range;
+} Job;
 
 /* Spikes of the LIF fed x: H = V + (X - V) / tau, spike when H >= v_th, hard reset to 0. */
-static void *spikes_range(void *arg) {
-    const Range *r = arg;
+static void spikes_range(void *arg, int64_t begin, int64_t end) {
+    const Job *r = arg;
     const float v_threshold = r->v_threshold, tau = r->tau;
     float v[BLOCK];
-    for (int64_t start = r->begin; start < r->end; start += BLOCK) {
-        const int64_t m = r->end - start < BLOCK ? r->end - start : BLOCK;
+    for (int64_t start = begin; start < end; start += BLOCK) {
+        const int64_t m = end - start < BLOCK ? end - start : BLOCK;
         for (int64_t i = 0; i < m; i++) v[i] = 0.0f;
         for (int64_t t = 0; t < r->steps; t++) {
             const float *x = r->x + t * r->n + start;
@@ -55,16 +56,15 @@ static void *spikes_range(void *arg) {
             }
         }
     }
-    return 0;
 }
 
 /* Recharges the potentials from x; out = (H - v_th) * alpha, below = H < v_th (out may be x). */
-static void *charge_range(void *arg) {
-    const Range *r = arg;
+static void charge_range(void *arg, int64_t begin, int64_t end) {
+    const Job *r = arg;
     const float v_threshold = r->v_threshold, tau = r->tau, alpha = r->alpha; /* not aliased */
     float v[BLOCK];
-    for (int64_t start = r->begin; start < r->end; start += BLOCK) {
-        const int64_t m = r->end - start < BLOCK ? r->end - start : BLOCK;
+    for (int64_t start = begin; start < end; start += BLOCK) {
+        const int64_t m = end - start < BLOCK ? end - start : BLOCK;
         for (int64_t i = 0; i < m; i++) v[i] = 0.0f;
         for (int64_t t = 0; t < r->steps; t++) {
             const float *x = r->x + t * r->n + start;
@@ -79,16 +79,15 @@ static void *charge_range(void *arg) {
             }
         }
     }
-    return 0;
 }
 
 /* Backward through time from sig = sigmoid((H - v_th) * alpha); out may be sig. */
-static void *grad_range(void *arg) {
-    const Range *r = arg;
+static void grad_range(void *arg, int64_t begin, int64_t end) {
+    const Job *r = arg;
     const float tau = r->tau, alpha = r->alpha;
     float grad_v[BLOCK];
-    for (int64_t start = r->begin; start < r->end; start += BLOCK) {
-        const int64_t m = r->end - start < BLOCK ? r->end - start : BLOCK;
+    for (int64_t start = begin; start < end; start += BLOCK) {
+        const int64_t m = end - start < BLOCK ? end - start : BLOCK;
         for (int64_t t = r->steps - 1; t >= 0; t--) {
             const int64_t at = t * r->n + start;
             const float *sig = r->x + at, *grad_s = r->grad + at;
@@ -105,49 +104,23 @@ static void *grad_range(void *arg) {
             }
         }
     }
-    return 0;
-}
-
-/* Runs kernel over [0, n) split into `threads` ranges (multiples of BLOCK) on POSIX threads. */
-static int run(void *(*kernel)(void *), Range job, int threads) {
-    pthread_t ids[MAX_THREADS];
-    int started[MAX_THREADS];
-    Range ranges[MAX_THREADS];
-    const int64_t blocks = (job.n + BLOCK - 1) / BLOCK;
-    if (threads > blocks) threads = (int)blocks;
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if (threads < 1) threads = 1;
-    for (int k = 0; k < threads; k++) {
-        ranges[k] = job;
-        ranges[k].begin = blocks * k / threads * BLOCK;
-        ranges[k].end = blocks * (k + 1) / threads * BLOCK;
-        if (ranges[k].end > job.n) ranges[k].end = job.n;
-    }
-    for (int k = 0; k < threads - 1; k++) { /* the calling thread takes the last range */
-        started[k] = pthread_create(&ids[k], 0, kernel, &ranges[k]) == 0;
-        if (!started[k]) kernel(&ranges[k]); /* no thread to be had: run it here */
-    }
-    kernel(&ranges[threads - 1]);
-    for (int k = 0; k < threads - 1; k++)
-        if (started[k]) pthread_join(ids[k], 0);
-    return 0;
 }
 
 int statten_lif_spikes(const float *x, float *spikes, int64_t steps, int64_t n,
                        float v_threshold, float tau, int threads) {
-    Range job = {x, 0, spikes, 0, steps, n, 0, n, v_threshold, tau, 0.0f};
-    return run(spikes_range, job, threads);
+    Job job = {x, 0, spikes, 0, steps, n, v_threshold, tau, 0.0f};
+    return parallel_for(spikes_range, &job, n, BLOCK, threads);
 }
 
 int statten_lif_charge(const float *x, float *out, uint8_t *below, int64_t steps, int64_t n,
                        float v_threshold, float tau, float alpha, int threads) {
-    Range job = {x, 0, out, below, steps, n, 0, n, v_threshold, tau, alpha};
-    return run(charge_range, job, threads);
+    Job job = {x, 0, out, below, steps, n, v_threshold, tau, alpha};
+    return parallel_for(charge_range, &job, n, BLOCK, threads);
 }
 
 int statten_lif_grad(const float *sig, const float *grad_spikes, const uint8_t *below,
                      float *grad_x, int64_t steps, int64_t n, float tau, float alpha,
                      int threads) {
-    Range job = {sig, grad_spikes, grad_x, (uint8_t *)below, steps, n, 0, n, 0.0f, tau, alpha};
-    return run(grad_range, job, threads);
+    Job job = {sig, grad_spikes, grad_x, (uint8_t *)below, steps, n, 0.0f, tau, alpha};
+    return parallel_for(grad_range, &job, n, BLOCK, threads);
 }

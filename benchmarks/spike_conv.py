@@ -1,0 +1,74 @@
+"""Spike-driven versus dense convolution on CPU, by layer shape and density of ones.
+
+Times ``statten.fast.native.spike_conv2d`` (adds the weights of the inputs that spiked) against
+oneDNN's dense ``nn.Conv2d`` (channels-last, inference mode) on the convolutions of the CIFAR-10
+2-512 recipe at batch 16 x T 4, for densities around those the layers see, and prints where the
+spike-driven one stops being faster: the source of ``MAX_DENSITY`` in statten/fast/inference.py.
+
+    python benchmarks/spike_conv.py [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+
+from statten.fast import native
+
+# name, input channels, output channels, spatial size, kernel: CIFAR-10 2-512 at T x B = 64
+LAYERS = [
+    ("patch stage 2", 64, 128, 32, 3),
+    ("patch stage 3", 128, 256, 32, 3),
+    ("patch stage 4", 256, 512, 16, 3),
+    ("rpe", 512, 512, 8, 3),
+    ("q/k/v/proj", 512, 512, 8, 1),
+    ("mlp fc1", 512, 2048, 8, 1),
+    ("mlp fc2", 2048, 512, 8, 1),
+]
+DENSITIES = (0.03, 0.1, 0.2, 0.3, 0.4)
+
+
+def _best_ms(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * min(times)
+
+
+@torch.inference_mode()
+def compare(conv: torch.nn.Conv2d, x: torch.Tensor, repeats: int) -> tuple[float, float]:
+    """Milliseconds of the dense and of the spike-driven convolution of ``x``."""
+    taps = conv.weight.permute(2, 3, 1, 0).contiguous()
+    padding = conv.padding[0]
+    dense = _best_ms(lambda: conv(x), repeats)
+    spike = _best_ms(lambda: native.spike_conv2d(x, taps, conv.bias, padding, 1.0), repeats)
+    return dense, spike
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=64, help="T x B images per call")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(f"{torch.get_num_threads()} threads; ms per call, dense / spike-driven")
+    print(f"{'layer':14s} " + " ".join(f"{f'density {d}':>22s}" for d in DENSITIES))
+    for name, cin, cout, size, kernel in LAYERS:
+        conv = torch.nn.Conv2d(cin, cout, kernel, padding=kernel // 2)
+        conv = conv.to(memory_format=torch.channels_last).requires_grad_(False)
+        cells = []
+        for density in DENSITIES:
+            x = (torch.rand(args.batch, cin, size, size) < density).float()
+            x = x.contiguous(memory_format=torch.channels_last)
+            dense, spike = compare(conv, x, args.repeats)
+            cells.append(f"{dense:7.1f} / {spike:6.1f} x{dense / spike:4.2f}")
+        print(f"{name:14s} " + " ".join(f"{cell:>22s}" for cell in cells), flush=True)
+
+
+if __name__ == "__main__":
+    main()
