@@ -299,6 +299,12 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
     _flag(g, "--apex-amp", "NVIDIA Apex mixed precision (falls back to native)")
     _flag(g, "--native-amp", "native torch mixed precision")
     _flag(g, "--channels-last", "channels_last memory layout")
+    _flag(
+        g,
+        "--memory-efficient",
+        "train with fused LIF layers and 1-byte spikes for backward: bit-identical results, "
+        "about half the memory (docs/performance.md)",
+    )
     _add(
         g, "--local-rank --local_rank", 0, "process rank on this node (set by launchers)", type=int
     )

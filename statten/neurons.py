@@ -3,7 +3,8 @@
 The reference builds every neuron as ``MultiStepLIFNode(tau=2.0, detach_reset=True)`` (hard
 reset to 0, decay_input, sigmoid surrogate with alpha 4) or, for ``spike_mode="plif"``,
 ``MultiStepParametricLIFNode(init_tau=2.0, detach_reset=True)``. SpikingJelly 2.x picks its
-fastest kernel for the tensor's device by itself (a C++ op on CPU, CUDA/Triton kernels on GPU).
+kernel for the tensor's device by itself (on CPU a registered op that loops over the time steps
+with torch operations, on GPU CUDA/Triton kernels).
 
 Unlike SpikingJelly's nodes, these layers forget their membrane potential after every call: each
 forward starts from ``V = 0``, so a model never needs ``reset_net`` between batches.

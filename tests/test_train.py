@@ -76,6 +76,14 @@ def test_resume_reproduces_an_uninterrupted_run_bit_for_bit(tmp_path: Path) -> N
         assert_identical(x, y)
 
 
+def test_memory_efficient_training_ends_on_the_same_weights(tmp_path: Path) -> None:
+    plain = train(tmp_path, "--epochs", "1", name="plain")
+    lean = train(tmp_path, "--epochs", "1", "--memory-efficient", name="lean")
+    assert read_checkpoint(lean / "last.pth.tar")["config"]["memory_efficient"] is True
+    assert_identical(weights(plain / "last.pth.tar"), weights(lean / "last.pth.tar"))
+    assert (plain / "summary.csv").read_text() == (lean / "summary.csv").read_text()
+
+
 def test_sigkill_mid_epoch_resumes_from_recovery_and_never_truncates(tmp_path: Path) -> None:
     statten = shutil.which("statten", path=str(Path(sys.executable).parent))
     run = tmp_path / "train" / "killed"

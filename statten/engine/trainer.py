@@ -115,6 +115,7 @@ class Trainer:
         random_seed(cfg.seed, ctx.rank)
         self.model_config = model_config(cfg)
         self.model = create_model(cfg.model, **self.model_config).to(ctx.device)
+        self.model.memory_efficient = getattr(cfg, "memory_efficient", False)
         if getattr(cfg, "channels_last", False):
             self.model = self.model.to(memory_format=torch.channels_last)
         if ctx.distributed and getattr(cfg, "sync_bn", False):
