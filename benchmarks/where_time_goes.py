@@ -25,6 +25,7 @@ from statten.fast.functions import ctx_tensors
 from statten.fast.storage import _Packed, _SpikeStore
 
 KINDS = {  # operator-name fragment -> kind, first match wins
+    "statten::lif": "fused LIF kernels (C)",
     "convolution": "conv (forward, backward)",
     "batch_norm": "BatchNorm",
     "compiledfxgraph": "fused LIF kernels (compiled)",

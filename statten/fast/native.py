@@ -6,6 +6,8 @@
   place.
 - ``spike_conv.c``: convolution of 0/1 spikes that adds the weights of the inputs that spiked
   instead of multiplying every input (fast inference).
+
+Each call is a ``statten::...`` range in ``torch.profiler`` traces.
  The library is cached under
 ``$STATTEN_CACHE`` (default ``~/.cache/statten``), keyed by the source, the compiler and the CPU,
 so a home directory shared by different machines keeps one build per CPU type. Without a working
@@ -26,6 +28,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch.profiler import record_function
 
 __all__ = ["available", "library", "lif_charge", "lif_grad", "lif_spikes", "spike_conv2d"]
 
@@ -119,9 +122,10 @@ def lif_spikes(rows: torch.Tensor, v_threshold: float, tau: float) -> torch.Tens
     """Spikes of a LIF fed ``rows [T, n]`` (see ``lif.c``)."""
     spikes = torch.empty_like(rows)
     steps, n = rows.shape
-    library().statten_lif_spikes(
-        rows.data_ptr(), spikes.data_ptr(), steps, n, v_threshold, tau, torch.get_num_threads()
-    )
+    with record_function("statten::lif_spikes"):
+        library().statten_lif_spikes(
+            rows.data_ptr(), spikes.data_ptr(), steps, n, v_threshold, tau, torch.get_num_threads()
+        )
     return spikes
 
 
@@ -131,10 +135,11 @@ def lif_charge(
     """Fill ``out`` (may be ``rows``) with ``(H - v_th) * alpha``; return the ``H < v_th`` mask."""
     below = torch.empty(rows.shape, dtype=torch.uint8)
     steps, n = rows.shape
-    library().statten_lif_charge(
-        rows.data_ptr(), out.data_ptr(), below.data_ptr(), steps, n,
-        v_threshold, tau, alpha, torch.get_num_threads(),
-    )  # fmt: skip
+    with record_function("statten::lif_charge"):
+        library().statten_lif_charge(
+            rows.data_ptr(), out.data_ptr(), below.data_ptr(), steps, n,
+            v_threshold, tau, alpha, torch.get_num_threads(),
+        )  # fmt: skip
     return below
 
 
@@ -143,10 +148,11 @@ def lif_grad(
 ) -> torch.Tensor:
     """Input gradient from the surrogate's sigmoids ``sig`` (overwritten with it, and returned)."""
     steps, n = sig.shape
-    library().statten_lif_grad(
-        sig.data_ptr(), grad_spikes.data_ptr(), below.data_ptr(), sig.data_ptr(), steps, n,
-        tau, alpha, torch.get_num_threads(),
-    )  # fmt: skip
+    with record_function("statten::lif_grad"):
+        library().statten_lif_grad(
+            sig.data_ptr(), grad_spikes.data_ptr(), below.data_ptr(), sig.data_ptr(), steps, n,
+            tau, alpha, torch.get_num_threads(),
+        )  # fmt: skip
     return sig
 
 
@@ -169,11 +175,12 @@ def spike_conv2d(
         (n, cout, h + 2 * padding - kh + 1, w + 2 * padding - kw + 1),
         memory_format=torch.channels_last,
     )
-    status = library().statten_spike_conv2d(
-        x.data_ptr(), n, h, w, cin, weight.data_ptr(),
-        None if bias is None else bias.data_ptr(), cout, kh, kw, padding,
-        out.data_ptr(), max_density, torch.get_num_threads(),
-    )  # fmt: skip
+    with record_function("statten::spike_conv2d"):
+        status = library().statten_spike_conv2d(
+            x.data_ptr(), n, h, w, cin, weight.data_ptr(),
+            None if bias is None else bias.data_ptr(), cout, kh, kw, padding,
+            out.data_ptr(), max_density, torch.get_num_threads(),
+        )  # fmt: skip
     if status < 0:
         raise MemoryError("statten: out of memory in the spike convolution")
     return out if status == 0 else None
