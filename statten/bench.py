@@ -183,7 +183,8 @@ def _infer_step(spec: dict[str, Any], cfg: argparse.Namespace, device: torch.dev
     calibrate_batchnorm(model, images)
     if spec["mode"] == "fast":
         _use_kernels(spec["fused_kernels"])
-        model = optimize_for_inference(model, compile_kernels=spec["fused_kernels"])
+        fused = spec["fused_kernels"]
+        model = optimize_for_inference(model, compile_kernels=fused, spike_driven=fused)
         images = _channels_last(images)
     forward = torch.compile(model) if spec["compile"] and spec["mode"] == "fast" else model
 
@@ -269,7 +270,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--eager-kernels",
         action="store_true",
-        help="fast mode with the LIF kernels as torch operations (no C kernels, no torch.compile)",
+        help="fast mode without compiled code (no C compiler needed): LIF kernels as torch "
+        "operations, dense convolutions",
     )
     parser.add_argument(
         "--compile", action="store_true", help="fast mode: also torch.compile the whole model"

@@ -152,6 +152,9 @@ def test_memory_efficient_training_stores_under_40_percent(monkeypatch: pytest.M
 
 
 KERNELS = {"eager": (False, False), "native": (True, False), "compiled": (False, True)}
+needs_c_compiler = pytest.mark.skipif(
+    native.library() is None, reason="the C kernels could not be built (no C compiler?)"
+)
 
 
 @contextlib.contextmanager
@@ -172,7 +175,7 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, x.shape[:2])
 
 
-@pytest.mark.parametrize("kind", ["eager", "native"])
+@pytest.mark.parametrize("kind", ["eager", pytest.param("native", marks=needs_c_compiler)])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("v_threshold", [1.0, 0.5])
 def test_lif_kernels_equal_spikingjelly(v_threshold: float, channels_last: bool, kind: str) -> None:
@@ -202,7 +205,11 @@ def _kernel_outputs(x: torch.Tensor, grad: torch.Tensor) -> list[torch.Tensor]:
 # any size. torch.compile's kernels take a scalar exp for the elements past the last full vector,
 # where torch takes a vectorised one: equal bits when a step has a multiple of 32 elements.
 @pytest.mark.parametrize(
-    ("kind", "shape"), [("native", (4, 3, 37, 7, 9)), ("compiled", (4, 2, 16, 7, 7))]
+    ("kind", "shape"),
+    [
+        pytest.param("native", (4, 3, 37, 7, 9), marks=needs_c_compiler),
+        ("compiled", (4, 2, 16, 7, 7)),
+    ],
 )
 def test_fused_kernels_equal_eager_kernels(kind: str, shape: tuple[int, ...]) -> None:
     x = _channels_last(torch.randn(shape) * 2)
@@ -216,6 +223,7 @@ def test_fused_kernels_equal_eager_kernels(kind: str, shape: tuple[int, ...]) ->
         assert eager.stride() == fast.stride()
 
 
+@needs_c_compiler
 def test_native_kernels_write_in_place_only_when_allowed() -> None:
     x = torch.randn(4, 1000) * 2
     kept, overwritten = x.clone(), x.clone()
@@ -289,6 +297,7 @@ def test_fold_batchnorm_matches_conv_then_batchnorm() -> None:
         torch.testing.assert_close(holder.proj_conv(x), layers(x), rtol=1e-5, atol=1e-5)
 
 
+@needs_c_compiler
 @pytest.mark.parametrize(
     ("kernel", "channels", "size", "density"), [(3, (16, 32), 9, 0.1), (1, (48, 80), 5, 0.3)]
 )
@@ -311,6 +320,7 @@ def test_spike_conv_adds_the_weights_of_the_spikes(
     assert torch.equal(dense, conv(x * 0.5))
 
 
+@needs_c_compiler
 def test_spike_conv_runs_dense_when_too_dense_or_under_autograd() -> None:
     torch.manual_seed(0)
     spike_conv = SpikeConv2d(16, 32, 3, padding=1)
