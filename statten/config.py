@@ -310,6 +310,12 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
     )
     _flag(g, "--save-images", "save input batches as images while logging")
     _flag(g, "--save-qkv", "test: save the recorded spikes of every batch")
+    _flag(
+        g,
+        "--fast-inference",
+        "test: BatchNorm folded, fused LIF, spike-driven convolutions on CPU; rounds differently "
+        "(docs/performance.md)",
+    )
     _flag(g, "--log-wandb", "log metrics to Weights & Biases")
     _flag(g, "--dry-run", "build model, data config and optimizer without data, then exit")
     _flag(g, "--debug", "show full tracebacks on errors")

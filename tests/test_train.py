@@ -169,6 +169,23 @@ def test_reference_checkpoint_evaluates_through_statten_test(tmp_path: Path) -> 
     assert "block.1.attn.attn_lif" in rates and len(rates["head_lif"]) == 4
 
 
+def test_statten_test_fast_inference_agrees_with_the_plain_model(tmp_path: Path) -> None:
+    checkpoint = str(DATA / "static_statten_official_format.pth.tar")
+    args = ["--resume", checkpoint, "--dataset", "digits", "--img-size", "32"]
+    args += ["--in-channels", "3", "--device", "cpu"]
+    reports = {}
+    for name, extra in (("plain", []), ("fast", ["--fast-inference"])):
+        reports[name] = tmp_path / f"{name}.json"
+        assert main(["test", *args, *extra, "--json", str(reports[name])]) == 0
+    import json
+
+    plain, fast = (json.loads(reports[name].read_text()) for name in ("plain", "fast"))
+    assert fast["top1"] == pytest.approx(plain["top1"], abs=100 / 360)  # at most one sample
+    assert fast["firing_rates"].keys() == plain["firing_rates"].keys()
+    for name, rates in plain["firing_rates"].items():
+        assert fast["firing_rates"][name] == pytest.approx(rates, abs=1e-3), name
+
+
 def test_statten_test_of_own_checkpoint_needs_no_config(tmp_path: Path) -> None:
     run = train(tmp_path, "--epochs", "1")
     report = tmp_path / "metrics.json"

@@ -17,6 +17,7 @@ from statten.data import create_eval_loader
 from statten.engine.distributed import init_distributed, shutdown
 from statten.engine.evaluate import evaluate
 from statten.engine.trainer import autocast_for, checkpoint_config, with_process_placement
+from statten.fast import optimize_for_inference
 
 _logger = logging.getLogger("statten.test")
 
@@ -46,13 +47,16 @@ def test(cfg: argparse.Namespace) -> dict[str, Any]:
     """Loss, top-1, top-5 and per-layer per-step firing rates of ``cfg.resume`` on the val split.
 
     The model is rebuilt from the configuration stored in the checkpoint (statten's
-    ``model_config`` or the reference's ``args``), so evaluation matches training exactly.
+    ``model_config`` or the reference's ``args``), so evaluation matches training exactly;
+    ``--fast-inference`` evaluates :func:`~statten.fast.optimize_for_inference`'s copy instead.
     """
     if not cfg.resume:
         raise ConfigError("statten test needs a checkpoint: pass --resume CHECKPOINT")
     ctx = init_distributed(cfg.device)
     try:
         model = load_checkpoint_model(read_checkpoint(cfg.resume), cfg).to(ctx.device)
+        if getattr(cfg, "fast_inference", False):
+            model = optimize_for_inference(model)
         eval_loader = create_eval_loader(with_process_placement(cfg, ctx), model)
         metrics = evaluate(model, eval_loader, ctx, autocast_for(cfg, ctx.device), True)
         metrics["checkpoint"] = str(cfg.resume)
