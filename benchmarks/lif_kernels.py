@@ -19,26 +19,15 @@ its freshly mapped output (~18 ms on the 2-core machine of docs/performance.md).
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 
 import torch
+from timing import best_ms
 
 from statten.fast import use_compiled_kernels, use_native_kernels
 from statten.fast.kernels import lif_input_grad, lif_spikes
 from statten.neurons import LIF, SURROGATE_ALPHA, TAU
 
 KINDS = {"eager": (False, False), "compiled": (False, True), "c": (True, False)}
-
-
-def _best_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up (compiles the torch.compile kernels, builds the C library)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * min(times)
 
 
 def spikingjelly(x: torch.Tensor, grad: torch.Tensor, repeats: int) -> tuple[float, float, int]:
@@ -55,13 +44,13 @@ def spikingjelly(x: torch.Tensor, grad: torch.Tensor, repeats: int) -> tuple[flo
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         spikes = layer(x.requires_grad_())
     saved_bytes = sum(saved.values())
-    forward = _best_ms(lambda: layer(x), repeats)
+    forward = best_ms(lambda: layer(x), repeats)
 
     def backward() -> None:
         x.grad = None
         layer(x).backward(grad)
 
-    return forward, _best_ms(backward, repeats) - forward, saved_bytes if spikes.numel() else 0
+    return forward, best_ms(backward, repeats) - forward, saved_bytes if spikes.numel() else 0
 
 
 def fused(kind: str, x: torch.Tensor, grad: torch.Tensor, repeats: int) -> tuple[float, float]:
@@ -71,8 +60,8 @@ def fused(kind: str, x: torch.Tensor, grad: torch.Tensor, repeats: int) -> tuple
     use_compiled_kernels(compiled)
     try:
         x = x.detach()
-        forward = _best_ms(lambda: lif_spikes(x, 1.0, TAU), repeats)
-        backward = _best_ms(lambda: lif_input_grad(grad, x, 1.0, TAU, SURROGATE_ALPHA), repeats)
+        forward = best_ms(lambda: lif_spikes(x, 1.0, TAU), repeats)
+        backward = best_ms(lambda: lif_input_grad(grad, x, 1.0, TAU, SURROGATE_ALPHA), repeats)
     finally:
         use_native_kernels(True)
         use_compiled_kernels(False)

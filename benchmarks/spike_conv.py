@@ -11,10 +11,9 @@ spike-driven one stops being faster: the source of ``MAX_DENSITY`` in statten/fa
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 
 import torch
+from timing import best_ms
 
 from statten.fast import native
 
@@ -31,22 +30,13 @@ LAYERS = [
 DENSITIES = (0.03, 0.1, 0.2, 0.3, 0.4)
 
 
-def _best_ms(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * min(times)
-
-
 @torch.inference_mode()
 def compare(conv: torch.nn.Conv2d, x: torch.Tensor, repeats: int) -> tuple[float, float]:
     """Milliseconds of the dense and of the spike-driven convolution of ``x``."""
     taps = conv.weight.permute(2, 3, 1, 0).contiguous()
     padding = conv.padding[0]
-    dense = _best_ms(lambda: conv(x), repeats)
-    spike = _best_ms(lambda: native.spike_conv2d(x, taps, conv.bias, padding, 1.0), repeats)
+    dense = best_ms(lambda: conv(x), repeats)
+    spike = best_ms(lambda: native.spike_conv2d(x, taps, conv.bias, padding, 1.0), repeats)
     return dense, spike
 
 

@@ -22,8 +22,9 @@ from statten.neurons import LIF
 __all__ = ["SpikeConv2d", "fold_batchnorm", "optimize_for_inference"]
 
 # Densities of ones up to which adding the weights of the spikes beats oneDNN's dense
-# convolution on CPU (measured on 2 Zen 4 cores, benchmarks/spike_conv.py).
-MAX_DENSITY = {1: 0.25, 3: 0.3}
+# convolution on CPU, by kernel size (measured on 2 Zen 4 cores at batches of 4 and 64,
+# benchmarks/spike_conv.py).
+MAX_DENSITY = {1: 0.2, 3: 0.3}
 
 
 class SpikeConv2d(nn.Conv2d):

@@ -1,0 +1,22 @@
+"""Shared by the micro-benchmarks: the best wall time of a call."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+
+def best_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """The fastest of ``repeats`` calls of ``fn`` in milliseconds, after ``warmup`` untimed ones.
+
+    The minimum, not the median: these kernels run for milliseconds on a machine whose other work
+    only ever adds time.
+    """
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * min(times)
