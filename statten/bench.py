@@ -175,12 +175,31 @@ def calibrate_batchnorm(model: torch.nn.Module, images: torch.Tensor, chunk: int
     model.eval()
 
 
+def inference_model(
+    cfg: argparse.Namespace, batch: int, device: torch.device
+) -> tuple[nn.Module, torch.Tensor]:
+    """The recipe's model, BatchNorm calibrated on a random batch, in eval mode; and the batch."""
+    model = create_model(cfg.model, **model_config(cfg)).to(device)
+    images, _ = _inputs(cfg, model, batch, device)
+    calibrate_batchnorm(model, images)
+    return model, images
+
+
+def inference_firing_rate(cfg: argparse.Namespace) -> float:
+    """Mean firing rate of the neuron layers in the inference measurement (same model and batch)."""
+    from statten.analysis import SpikeRecorder
+
+    torch.manual_seed(cfg.seed)
+    model, images = inference_model(cfg, cfg.batch_size, torch.device("cpu"))
+    with torch.no_grad(), SpikeRecorder(model) as recorder:
+        model(images)
+    return statistics.fmean(recorder.mean_firing_rates().values())
+
+
 def _infer_step(spec: dict[str, Any], cfg: argparse.Namespace, device: torch.device) -> Callable:
     from statten.fast import optimize_for_inference
 
-    model = create_model(cfg.model, **model_config(cfg)).to(device)
-    images, _ = _inputs(cfg, model, spec["batch_size"], device)
-    calibrate_batchnorm(model, images)
+    model, images = inference_model(cfg, spec["batch_size"], device)
     if spec["mode"] == "fast":
         _use_kernels(spec["fused_kernels"])
         fused = spec["fused_kernels"]
@@ -305,6 +324,13 @@ def _report(summary: dict[str, Any], results: list[Result]) -> str:
         f"{summary['matmul_flops_per_s_median'] / 1e9:.1f} GFLOP/s",
         f"counted FLOPs per image: forward {summary['forward_flops_per_image'] / 1e9:.3f} G, "
         f"training step {summary['train_flops_per_image'] / 1e9:.3f} G",
+    ]
+    if "inference_mean_firing_rate" in summary:
+        lines.append(
+            "inference: BatchNorm calibrated on the batch, mean firing rate of the neuron layers "
+            f"{summary['inference_mean_firing_rate']:.3f}"
+        )
+    lines += [
         "",
         f"{'task':6} {'mode':6} {'img/s':>9} {'step s':>9} {'GFLOP/s':>9} {'of mm':>6} "
         f"{'peak mem GiB':>12} {'above import':>12}",
@@ -385,6 +411,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             result.summarize()
             results.append(result)
     summary = _summary(cfg, results, forward_flops)
+    if "infer" in args.tasks:
+        summary["inference_mean_firing_rate"] = inference_firing_rate(cfg)
     summary["ratios"] = _ratios({(r.task, r.mode): r for r in results})
     document = {**summary, "config": config_to_dict(cfg), "results": [asdict(r) for r in results]}
     print(_report(summary, results))

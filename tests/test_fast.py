@@ -384,6 +384,22 @@ def test_bench_runs_end_to_end_and_writes_json(tmp_path: Path) -> None:
         assert result["derived"]["matmul_fraction"] > 0
         assert result["peak_memory_bytes"] >= result["memory_after_import_bytes"] > 0
     assert set(document["ratios"]) >= {"train_speedup", "train_peak_memory_ratio", "infer_speedup"}
+    assert 0.01 < document["inference_mean_firing_rate"] < 0.5
+
+
+def test_calibrated_batchnorm_makes_an_untrained_model_fire() -> None:
+    model = _model().eval()
+    x = _inputs(model, batch=8)
+
+    def deep_rate() -> float:  # the layers after the patch embedding's first neuron
+        with torch.no_grad(), statten.SpikeRecorder(model) as recorder:
+            model(x)
+        rates = recorder.mean_firing_rates()
+        return sum(rates.values()) - rates["patch_embed.proj_lif"]
+
+    assert deep_rate() == 0.0  # default statistics: silent
+    bench.calibrate_batchnorm(model, x)
+    assert not model.training and deep_rate() > 0.5
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
