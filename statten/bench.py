@@ -13,7 +13,7 @@ training step counts 3x the forward pass). ``--json FILE`` writes all numbers.
 Inference runs a model whose BatchNorm statistics are calibrated on the random batch
 (:func:`calibrate_batchnorm`), so that its layers fire as in training.
 
-Peak memory: on CPU the peak resident set size (``ru_maxrss``) of the measuring process, also
+Peak memory: on CPU the peak resident set size (``VmHWM``) of the measuring process, also
 given above the process's size right after its imports; on GPU ``torch.cuda.max_memory_allocated``.
 """
 
@@ -214,8 +214,21 @@ def _infer_step(spec: dict[str, Any], cfg: argparse.Namespace, device: torch.dev
     return step
 
 
-def _max_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size since it started running its own program.
+
+    On Linux ``VmHWM`` of ``/proc/self/status``: ``ru_maxrss`` would do, except that a process
+    started with fork or vfork and exec inherits its parent's high-water mark, which would hide
+    any peak below the parent's (the parent has built a model to count its FLOPs).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
 
 
 def measure(spec: dict[str, Any], memory_after_import: int = 0) -> Result:
@@ -235,14 +248,14 @@ def measure(spec: dict[str, Any], memory_after_import: int = 0) -> Result:
         step()
         _sync(device)
         seconds.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _max_rss_bytes()
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
     return Result(
         spec["task"], spec["mode"], spec["batch_size"], seconds, rates, peak, memory_after_import
     )
 
 
 def _worker(spec_path: str, result_path: str) -> None:
-    after_import = _max_rss_bytes()
+    after_import = peak_rss_bytes()
     spec = json.loads(Path(spec_path).read_text())
     result = measure(spec, after_import if spec["config"]["device"] == "cpu" else 0)
     Path(result_path).write_text(json.dumps(asdict(result)))
@@ -389,7 +402,7 @@ def _summary(cfg: argparse.Namespace, results: list[Result], flops: float) -> di
         "matmul_flops_per_s_median": statistics.median(samples),
         "forward_flops_per_image": flops,
         "train_flops_per_image": TRAIN_FLOPS_PER_FORWARD * flops,
-        "memory": "torch.cuda.max_memory_allocated" if on_gpu else "peak RSS (ru_maxrss)",
+        "memory": "torch.cuda.max_memory_allocated" if on_gpu else "peak RSS (VmHWM)",
     }
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -385,6 +387,15 @@ def test_bench_runs_end_to_end_and_writes_json(tmp_path: Path) -> None:
         assert result["peak_memory_bytes"] >= result["memory_after_import_bytes"] > 0
     assert set(document["ratios"]) >= {"train_speedup", "train_peak_memory_ratio", "infer_speedup"}
     assert 0.01 < document["inference_mean_firing_rate"] < 0.5
+
+
+def test_bench_peak_memory_is_the_measuring_process_own(tmp_path: Path) -> None:
+    ballast = torch.ones(2**28)  # 1 GiB resident in this (parent) process
+    code = "from statten.bench import peak_rss_bytes; print(peak_rss_bytes())"
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    own_peak = int(child.stdout)
+    assert 0 < own_peak < ballast.numel() * ballast.element_size()  # not the inherited mark
+    del ballast
 
 
 def test_calibrated_batchnorm_makes_an_untrained_model_fire() -> None:

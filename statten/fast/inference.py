@@ -39,7 +39,6 @@ class SpikeConv2d(nn.Conv2d):
         super().__init__(*args, **kwargs)
         default = MAX_DENSITY.get(self.kernel_size[0], min(MAX_DENSITY.values()))
         self.max_density = default if max_density is None else max_density
-        self._taps: tuple[int, torch.Tensor] | None = None
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> SpikeConv2d:
@@ -50,13 +49,6 @@ class SpikeConv2d(nn.Conv2d):
         )  # fmt: skip
         spike_conv.weight, spike_conv.bias = conv.weight, conv.bias
         return spike_conv
-
-    def _weight_taps(self) -> torch.Tensor:
-        """The weights as ``[kh, kw, C_in, C_out]`` (cached until the weights change)."""
-        version = self.weight._version
-        if self._taps is None or self._taps[0] != version:
-            self._taps = (version, self.weight.detach().permute(2, 3, 1, 0).contiguous())
-        return self._taps[1]
 
     def _spike_driven(self, x: torch.Tensor) -> bool:
         padding = self.padding
@@ -80,7 +72,7 @@ class SpikeConv2d(nn.Conv2d):
             bias = None if self.bias is None else self.bias.detach()
             out = native.spike_conv2d(
                 x.contiguous(memory_format=torch.channels_last),
-                self._weight_taps(),
+                self.weight.detach().permute(2, 3, 1, 0).contiguous(),  # [kh, kw, C_in, C_out]
                 bias,
                 self.padding[0],
                 self.max_density,
