@@ -127,6 +127,28 @@ def test_two_process_ddp_on_cpu_ends_with_identical_weights(tmp_path: Path) -> N
     assert (tmp_path / "train" / "ddp" / "last.pth.tar").is_file()
 
 
+def test_two_process_statten_test_reports_the_firing_rates_of_all_samples(tmp_path: Path) -> None:
+    checkpoint = str(DATA / "static_statten_official_format.pth.tar")
+    args = ["--resume", checkpoint, "--dataset", "digits", "--img-size", "32"]
+    args += ["--in-channels", "3", "--device", "cpu", "--workers", "0"]
+    single, double = tmp_path / "single.json", tmp_path / "double.json"
+    assert main(["test", *args, "--json", str(single)]) == 0
+    statten = shutil.which("statten", path=str(Path(sys.executable).parent))
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        statten, "test", *args, "--json", str(double),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    import json
+
+    one, two = json.loads(single.read_text()), json.loads(double.read_text())
+    assert two["samples"] == one["samples"] == 360
+    assert two["top1"] == pytest.approx(one["top1"])
+    for name, rates in one["firing_rates"].items():  # each rank saw half: summed, not averaged
+        assert two["firing_rates"][name] == pytest.approx(rates, rel=1e-9, abs=1e-12), name
+
+
 RECIPES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "conf").glob("*/*.yml"))
 SEED_FLAGS = ["--model", "sdt", "--spike-mode", "lif", "--attention_mode", "STAtten"]
 

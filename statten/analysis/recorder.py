@@ -72,6 +72,14 @@ class SpikeRecorder:
 
         return record
 
+    def spike_counts(self) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """Spikes per time step ``{layer: float64 [T]}`` and neurons per time step ``{layer: n}``.
+
+        The firing rate is their ratio; sums of these over processes give the rates of all the
+        processes' samples together.
+        """
+        return dict(self._sums), dict(self._counts)
+
     def firing_rates(self) -> dict[str, torch.Tensor]:
         """Mean firing rate per time step, ``{layer name: float64 tensor [T]}`` (on the CPU)."""
         return {name: (s / self._counts[name]).cpu() for name, s in self._sums.items()}

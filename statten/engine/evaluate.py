@@ -25,7 +25,8 @@ def evaluate(
     """Loss (cross-entropy), top-1 and top-5 in percent over ``loader``, reduced over ranks.
 
     TET outputs are averaged over time before scoring. With ``record_firing_rates`` the result
-    also holds ``firing_rates``: ``{layer: [rate per time step]}`` of every neuron layer.
+    also holds ``firing_rates``: ``{layer: [rate per time step]}`` of every neuron layer, also
+    over all ranks.
     """
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1 hits, top-5 hits, samples
@@ -52,5 +53,21 @@ def evaluate(
     metrics = {"loss": loss / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count}
     metrics["samples"] = int(count)
     if record_firing_rates:
-        metrics["firing_rates"] = {k: v.tolist() for k, v in recorder.firing_rates().items()}
+        metrics["firing_rates"] = _firing_rates_over_ranks(recorder, ctx)
     return metrics
+
+
+def _firing_rates_over_ranks(recorder: SpikeRecorder, ctx: DistributedContext) -> dict:
+    """``{layer: [rate per time step]}`` over the samples of all ranks (each rank saw some).
+
+    Spike and neuron counts are summed over the ranks before dividing, so the rates are those of
+    one process evaluating the whole split.
+    """
+    spikes, neurons = recorder.spike_counts()
+    names = list(spikes)  # every rank records its layers in the same (forward) order
+    if not names:  # nothing evaluated (the eval sampler gives every rank a sample, or none)
+        return {}
+    per_step = all_reduce_sum(torch.stack([spikes[n] for n in names]).to(ctx.device), ctx)
+    counts = torch.tensor([neurons[n] for n in names], dtype=torch.float64, device=ctx.device)
+    rates = per_step / all_reduce_sum(counts, ctx)[:, None]
+    return {name: rate.tolist() for name, rate in zip(names, rates.cpu(), strict=True)}
