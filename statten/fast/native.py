@@ -1,17 +1,17 @@
 """CPU kernels in C, built once per machine with the system C compiler and called via ctypes.
 
-- ``lif.c``: the fused LIF loops. Why C and not ``torch.compile``: the same fused loop, but
-  built in about a second instead of 10-40 s, without importing the compiler stack into the
-  process (~0.1 GB of resident memory, counted against every training run), and able to work in
-  place.
+- ``lif.c``: the fused LIF loops. Why C and not ``torch.compile``: as fast, but built in about a
+  second instead of 10-40 s, without the compiler stack in the process (~0.1 GB of resident
+  memory, counted against every training run), equal in every bit to the eager kernels, and
+  able to work in place (``benchmarks/lif_kernels.py``).
 - ``spike_conv.c``: convolution of 0/1 spikes that adds the weights of the inputs that spiked
-  instead of multiplying every input (fast inference).
+  instead of multiplying every input (fast inference, ``benchmarks/spike_conv.py``).
 
-Each call is a ``statten::...`` range in ``torch.profiler`` traces.
- The library is cached under
-``$STATTEN_CACHE`` (default ``~/.cache/statten``), keyed by the source, the compiler and the CPU,
-so a home directory shared by different machines keeps one build per CPU type. Without a working
-C compiler :func:`library` returns None and the kernels run as torch operations.
+The library is cached under ``$STATTEN_CACHE`` (default ``~/.cache/statten``), keyed by the
+sources, the compiler and the CPU, so a home directory shared by different machines keeps one
+build per CPU type. Without a working C compiler :func:`library` returns None and the callers
+fall back to torch operations. Each call is a ``statten::...`` range in ``torch.profiler``
+traces.
 """
 
 from __future__ import annotations
@@ -95,13 +95,13 @@ def library() -> ctypes.CDLL | None:
         sources = [path.read_text() for path in SOURCES + HEADERS]
         identity = [*sources, compiler, version, *FLAGS, _cpu_identity()]
         key = hashlib.sha256("\0".join(identity).encode()).hexdigest()[:16]
-        path = _cache_dir() / f"lif-{platform.machine()}-{key}.so"
+        path = _cache_dir() / f"kernels-{platform.machine()}-{key}.so"
         if not path.exists():
             _build(compiler, path)
         return _bind(path)
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         warnings.warn(
-            f"statten: the C LIF kernels could not be built ({error}); using torch operations",
+            f"statten: the C kernels could not be built ({error}); using torch operations",
             RuntimeWarning,
             stacklevel=2,
         )
