@@ -190,7 +190,7 @@ def inference_firing_rate(cfg: argparse.Namespace) -> float:
     from statten.analysis import SpikeRecorder
 
     torch.manual_seed(cfg.seed)
-    model, images = inference_model(cfg, cfg.batch_size, torch.device("cpu"))
+    model, images = inference_model(cfg, cfg.batch_size, torch.device(cfg.device))
     with torch.no_grad(), SpikeRecorder(model) as recorder:
         model(images)
     return statistics.fmean(recorder.mean_firing_rates().values())
