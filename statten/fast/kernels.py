@@ -104,7 +104,11 @@ def _input_grad(
 
 
 def use_compiled_kernels(enabled: bool = True) -> None:
-    """Run the LIF kernels through ``torch.compile`` (on CPU this needs a C++ compiler)."""
+    """Run the LIF kernels through ``torch.compile`` where the C kernels do not run.
+
+    That is on GPUs (Triton), or on CPU with ``use_native_kernels(False)``; on a CPU without a C
+    compiler, where ``torch.compile`` could not build its kernels either, they stay eager.
+    """
     global _use_compiled
     _use_compiled = enabled
 
@@ -124,9 +128,11 @@ def _native(*rows: torch.Tensor) -> bool:
 
 
 def _kernel(
-    fn: Callable[..., torch.Tensor], eager: Callable[..., torch.Tensor]
+    fn: Callable[..., torch.Tensor], eager: Callable[..., torch.Tensor], x: torch.Tensor
 ) -> Callable[..., torch.Tensor]:
-    if not _use_compiled:
+    """``fn`` compiled, if asked for and buildable for ``x``'s device, else ``eager``."""
+    no_compiler = x.device.type == "cpu" and native.library() is None
+    if not _use_compiled or no_compiler:
         return eager
     if fn.__name__ not in _compiled:
         _compiled[fn.__name__] = torch.compile(fn, dynamic=True, fullgraph=True)
@@ -160,7 +166,7 @@ def lif_spikes(x: torch.Tensor, v_threshold: float, tau: float) -> torch.Tensor:
     rows = _rows(x, order)
     if _native(rows):
         return _unrows(native.lif_spikes(rows, v_threshold, tau), x, order)
-    return _unrows(_kernel(_spikes, _spikes_eager)(rows, v_threshold, tau), x, order)
+    return _unrows(_kernel(_spikes, _spikes_eager, x)(rows, v_threshold, tau), x, order)
 
 
 def lif_input_grad(
@@ -187,5 +193,6 @@ def lif_input_grad(
         for step in work:  # torch's sigmoid, row by row as in _input_grad_eager: same bits
             step.sigmoid_()
         return _unrows(native.lif_grad(work, grad_rows, below, tau, alpha), x, order)
-    grad = _kernel(_input_grad, _input_grad_eager)(grad_rows, rows, v_threshold, tau, alpha)
+    kernel = _kernel(_input_grad, _input_grad_eager, x)
+    grad = kernel(grad_rows, rows, v_threshold, tau, alpha)
     return _unrows(grad, x, order)
