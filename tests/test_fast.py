@@ -301,8 +301,9 @@ def test_fold_batchnorm_matches_conv_then_batchnorm() -> None:
 
 @needs_c_compiler
 @pytest.mark.parametrize(
-    ("kernel", "channels", "size", "density"), [(3, (16, 32), 9, 0.1), (1, (48, 80), 5, 0.3)]
-)
+    ("kernel", "channels", "size", "density"),
+    [(3, (16, 32), 9, 0.1), (1, (48, 80), 5, 0.3), (3, (3, 144), 1, 0.7), (3, (5, 16), 2, 1.0)],
+)  # the last two: all taps but the centre, or half of them, fall in the padding
 def test_spike_conv_adds_the_weights_of_the_spikes(
     kernel: int, channels: tuple[int, int], size: int, density: float
 ) -> None:
@@ -323,7 +324,7 @@ def test_spike_conv_adds_the_weights_of_the_spikes(
 
 
 @needs_c_compiler
-def test_spike_conv_runs_dense_when_too_dense_or_under_autograd() -> None:
+def test_spike_conv_runs_dense_when_too_dense_or_under_autograd_or_strided() -> None:
     torch.manual_seed(0)
     spike_conv = SpikeConv2d(16, 32, 3, padding=1)
     x = (torch.rand(2, 16, 6, 6) < 0.5).float()
@@ -332,6 +333,8 @@ def test_spike_conv_runs_dense_when_too_dense_or_under_autograd() -> None:
         out = spike_conv(x)  # autograd on
         with torch.inference_mode():
             spike_conv(x)  # half of the inputs are ones: above max_density
+            SpikeConv2d(16, 32, 3, stride=2, max_density=1.0)(x)  # strided: not handled in C
+            SpikeConv2d(16, 24, 1, max_density=1.0)(x)  # 24 outputs: not a multiple of 16
     assert out.requires_grad and calls == [False]
 
 
