@@ -29,7 +29,7 @@ from statten.fast.functions import ctx_tensors
 from statten.fast.inference import SpikeConv2d
 from statten.fast.kernels import lif_input_grad, lif_spikes
 from statten.fast.storage import _Packed, _SpikeStore, _unpack
-from statten.neurons import LIF
+from statten.neurons import LIF, is_neuron
 
 TINY = {"img_size": 16, "embed_dims": 64, "num_heads": 4, "depths": 2, "num_classes": 5, "T": 4}
 DVS = {"in_channels": 2, "dvs_mode": True}
@@ -355,21 +355,42 @@ def _counting_spike_convs(calls: list[bool]) -> Iterator[None]:
         native.spike_conv2d = real
 
 
+def _neuron_outputs(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """Logits and the spikes of every neuron layer, in call order."""
+    spikes: list[torch.Tensor] = []
+    hooks = [
+        module.register_forward_hook(lambda m, i, out: spikes.append(out.clone()))
+        for module in model.modules()
+        if is_neuron(module)
+    ]
+    with torch.inference_mode():
+        logits = model(x)
+    for hook in hooks:
+        hook.remove()
+    return logits, spikes
+
+
 def test_optimize_for_inference_matches_the_eval_model(golden: dict) -> None:
+    """Equal but where a potential lies within rounding error of a threshold (docs/performance.md).
+
+    Over 40 batches like this one, 4e-5 to 6e-5 of the spikes flipped (at most 1.5e-3 in one
+    batch; from BatchNorm folding: the same with dense convolutions), moving 0.5 % of the logits
+    by more than 1e-4. A wrong convolution would flip a large share.
+    """
     model = statten.create_model("sdt", **golden_model_config(golden["config"]))
     statten.load_checkpoint(model, golden["state_dict"], strict=True)
     model.eval()
     before = copy.deepcopy(model.state_dict())
     fast = optimize_for_inference(model, compile_kernels=False)
-    x = torch.cat([golden["input"], torch.randn(13, *golden["input"].shape[1:])])
-    plain_rates, fast_rates = statten.SpikeRecorder(model), statten.SpikeRecorder(fast)
-    with torch.inference_mode(), plain_rates, fast_rates:
-        logits = model(x)
-        fast_logits = fast(x.contiguous(memory_format=torch.channels_last))
-    torch.testing.assert_close(fast_logits, logits, atol=1e-4, rtol=0)
+    noise = torch.randn(13, *golden["input"].shape[1:], generator=torch.Generator().manual_seed(0))
+    x = torch.cat([golden["input"], noise])
+    logits, spikes = _neuron_outputs(model, x)
+    x = x.contiguous(memory_format=torch.channels_last)
+    fast_logits, fast_spikes = _neuron_outputs(fast, x)
     torch.testing.assert_close(fast_logits[:3], golden["logits_eval"], atol=1e-4, rtol=0)
-    for name, rate in plain_rates.mean_firing_rates().items():
-        assert abs(fast_rates.mean_firing_rates()[name] - rate) <= 1e-4, name
+    assert (fast_logits - logits).abs().median() < 1e-5
+    flipped = sum((a != b).sum().item() for a, b in zip(spikes, fast_spikes, strict=True))
+    assert flipped <= 1e-2 * sum(a.numel() for a in spikes)
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]), name  # the original model is left as it was
 
