@@ -21,8 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 from statten.config import model_config, parse_config
 from statten.factory import create_model
 from statten.fast import optimize_for_training
-from statten.fast.functions import ctx_tensors
-from statten.fast.storage import _Packed, _SpikeStore
+from statten.fast.functions import record_saved_tensors
 
 KINDS = {  # operator-name fragment -> kind, first match wins
     "statten::lif": "fused LIF kernels (C)",
@@ -78,29 +77,14 @@ def saved_bytes_by_layer(model: torch.nn.Module, images: torch.Tensor) -> Counte
     seen: dict[int, int] = {}
     by_layer: Counter = Counter()
 
-    def record(saved: torch.Tensor | _Packed) -> None:
-        tensor = saved.data if isinstance(saved, _Packed) else saved
+    def record(tensor: torch.Tensor, owner: str | None) -> None:
         storage = tensor.untyped_storage()
         if storage.data_ptr() not in seen and not isinstance(tensor, torch.nn.Parameter):
             seen[storage.data_ptr()] = storage.nbytes()
-            by_layer[f"{current[0]} ({tensor.dtype})".replace("torch.", "")] += storage.nbytes()
+            label = current[0] if owner is None else f"{owner} ctx"
+            by_layer[f"{label} ({tensor.dtype})".replace("torch.", "")] += storage.nbytes()
 
-    real_pack = _SpikeStore.pack
-
-    def pack(store: _SpikeStore, tensor: torch.Tensor) -> torch.Tensor | _Packed:
-        packed = real_pack(store, tensor)
-        record(packed)
-        return packed
-
-    _SpikeStore.pack = pack
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: record(t) or t, lambda t: t):
-            out = model(images)
-    finally:
-        _SpikeStore.pack = real_pack
-    for function, tensor in ctx_tensors(out):
-        current[0] = f"{function} ctx"
-        record(tensor)
+    record_saved_tensors(lambda: model(images), record)
     return by_layer
 
 

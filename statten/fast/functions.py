@@ -14,7 +14,7 @@ autograd.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from statten.fast.kernels import lif_input_grad, lif_spikes
-from statten.fast.storage import mark_spikes
+from statten.fast.storage import mark_spikes, observing_saved_tensors
 
-__all__ = ["ctx_tensors", "fused_conv_bn_lif", "fused_lif", "max_pool"]
+__all__ = ["fused_conv_bn_lif", "fused_lif", "max_pool", "record_saved_tensors"]
 
 
 class _LIF(torch.autograd.Function):
@@ -208,12 +208,24 @@ def max_pool(pool: nn.MaxPool2d, x: torch.Tensor) -> torch.Tensor:
     return pool(x)
 
 
-def ctx_tensors(output: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(function name, tensor)`` for the tensors the graph of ``output`` keeps on ``ctx``.
+def record_saved_tensors(
+    forward: Callable[[], torch.Tensor], record: Callable[[torch.Tensor, str | None], None]
+) -> torch.Tensor:
+    """Run ``forward`` and pass every tensor it keeps for backward to ``record``; return its output.
 
-    These are kept for backward outside ``saved_tensors`` (and its hooks): memory accounting must
-    add them to what the saved-tensor hooks see.
+    For memory accounting: ``record(tensor, None)`` for each tensor saved for backward, as kept
+    (spikes as their uint8 copies), then ``record(tensor, name)`` for each tensor an autograd
+    function of this module keeps on its ``ctx`` (``name``: the function).
     """
+    with observing_saved_tensors(lambda tensor: record(tensor, None)):
+        output = forward()
+    for name, tensor in _ctx_tensors(output):
+        record(tensor, name)
+    return output
+
+
+def _ctx_tensors(output: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(function name, tensor)`` for the tensors the graph of ``output`` keeps on ``ctx``."""
     seen, stack = set(), [output.grad_fn]
     while stack:
         node = stack.pop()

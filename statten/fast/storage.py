@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from typing import NamedTuple
 
 import torch
 
-__all__ = ["mark_spikes", "spike_storage", "storing_spikes"]
+__all__ = ["mark_spikes", "observing_saved_tensors", "spike_storage", "storing_spikes"]
 
 
 class _Packed(NamedTuple):
@@ -43,6 +43,13 @@ class _SpikeStore:
             self._spikes[storage.data_ptr()] = (weakref.ref(base), None)
 
     def pack(self, tensor: torch.Tensor) -> torch.Tensor | _Packed:
+        packed = self._pack(tensor)
+        observe = _observer.get()
+        if observe is not None:
+            observe(packed.data if isinstance(packed, _Packed) else packed)
+        return packed
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor | _Packed:
         pointer = tensor.untyped_storage().data_ptr()
         ref, data = self._spikes.get(pointer, (None, None))
         spikes = ref() if ref is not None else None
@@ -62,6 +69,25 @@ def _unpack(packed: torch.Tensor | _Packed) -> torch.Tensor:
 
 
 _active: ContextVar[_SpikeStore | None] = ContextVar("statten_spike_store", default=None)
+_observer: ContextVar[Callable[[torch.Tensor], None] | None] = ContextVar(
+    "statten_saved_tensor_observer", default=None
+)
+
+
+@contextlib.contextmanager
+def observing_saved_tensors(observe: Callable[[torch.Tensor], None]) -> Iterator[None]:
+    """In this block ``observe`` sees every tensor saved for backward, as it is kept.
+
+    Spikes are seen as their uint8 copies: :func:`spike_storage` (the innermost saved-tensor
+    hooks of a memory-efficient forward) reports what it keeps; the hooks installed here see the
+    tensors saved anywhere else.
+    """
+    token = _observer.set(observe)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: observe(t) or t, lambda t: t):
+            yield
+    finally:
+        _observer.reset(token)
 
 
 @contextlib.contextmanager
