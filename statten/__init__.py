@@ -1,6 +1,7 @@
 """statten: STAtten spiking transformers (CVPR 2025) in PyTorch, faithful to the reference code.
 
-Importing statten registers its models with timm (``timm.create_model("sdt", ...)``).
+Importing statten registers its model families (``sdt``) with timm
+(``timm.create_model("sdt", ...)``).
 """
 
 from statten.analysis.recorder import SpikeRecorder

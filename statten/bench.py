@@ -39,6 +39,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from statten.config import ConfigError, config_from_dict, config_to_dict, model_config, parse_config
+from statten.engine.losses import time_averaged
 from statten.factory import create_model
 
 __all__ = ["MODES", "TASKS", "Result", "main", "matmul_rate", "measure"]
@@ -99,15 +100,10 @@ def matmul_rate(device: torch.device, size: int = 2048, repeats: int = 3) -> flo
     return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
-def _inputs(cfg: argparse.Namespace, model: nn.Module, batch: int, device: torch.device) -> Any:
-    """A random batch of the recipe's input shape (images, or event frames for DVS recipes)."""
-    size = model.img_size
-    if model.dvs_mode:
-        shape = (batch, model.T, model.in_channels, size, size)
-        images = torch.rand(shape, device=device).mul_(4).floor_()
-    else:
-        images = torch.randn(batch, model.in_channels, size, size, device=device)
-    targets = torch.randint(0, max(cfg.num_classes, 1), (batch,), device=device)
+def _inputs(model: nn.Module, batch: int, device: torch.device) -> Any:
+    """A random batch of the model's input shape (images, or event frames), and targets."""
+    images = model.example_input(batch, device)
+    targets = torch.randint(0, max(model.num_classes, 1), (batch,), device=device)
     return images, targets
 
 
@@ -134,7 +130,7 @@ def _train_step(spec: dict[str, Any], cfg: argparse.Namespace, device: torch.dev
     from statten.fast import optimize_for_training
 
     model = create_model(cfg.model, **model_config(cfg)).to(device).train()
-    images, targets = _inputs(cfg, model, spec["batch_size"], device)
+    images, targets = _inputs(model, spec["batch_size"], device)
     optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg))
     if spec["mode"] == "fast":
         _use_kernels(spec["fused_kernels"])
@@ -145,7 +141,7 @@ def _train_step(spec: dict[str, Any], cfg: argparse.Namespace, device: torch.dev
     def step() -> None:
         with _autocast(spec["mode"], device):
             out = forward(images)
-            loss = F.cross_entropy(out.mean(0) if model.TET else out, targets)
+            loss = F.cross_entropy(time_averaged(out, model.per_step_logits), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -180,7 +176,7 @@ def inference_model(
 ) -> tuple[nn.Module, torch.Tensor]:
     """The recipe's model, BatchNorm calibrated on a random batch, in eval mode; and the batch."""
     model = create_model(cfg.model, **model_config(cfg)).to(device)
-    images, _ = _inputs(cfg, model, batch, device)
+    images, _ = _inputs(model, batch, device)
     calibrate_batchnorm(model, images)
     return model, images
 
@@ -279,7 +275,7 @@ def run_isolated(spec: dict[str, Any], workdir: Path) -> Result:
 def count_forward_flops(cfg: argparse.Namespace) -> float:
     """Counted FLOPs of one forward pass of one sample (conv/linear/matmul MACs x 2)."""
     model = create_model(cfg.model, **model_config(cfg)).eval()
-    images, _ = _inputs(cfg, model, 1, torch.device("cpu"))
+    images, _ = _inputs(model, 1, torch.device("cpu"))
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         model(images)

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from statten.config import DVS_DATASETS
-from statten.models.sdt import checkpoint_filter_fn
+from statten.factory import create_model
+from statten.models import get_family
 
 __all__ = [
     "CheckpointError",
@@ -27,7 +27,6 @@ __all__ = [
     "load_checkpoint",
     "model_config_from_checkpoint",
     "read_checkpoint",
-    "reference_args_to_model_config",
     "save_checkpoint",
 ]
 
@@ -101,74 +100,71 @@ def _check_fits(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict
         raise CheckpointError("checkpoint does not fit the model: " + "; ".join(problems))
 
 
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside a DDP and/or ``torch.compile`` wrapper."""
+    model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    return getattr(model, "_orig_mod", model)
+
+
 def load_checkpoint(
     model: nn.Module, path_or_state: PathOrState, strict: bool = True, use_ema: bool = False
 ) -> dict[str, Any]:
-    """Load weights into ``model`` from a statten or reference checkpoint (file or dict).
+    """Load weights into ``model`` from a statten or official checkpoint (file or dict).
 
     Accepts a nested checkpoint (``state_dict`` / ``model`` key, or ``state_dict_ema`` with
-    ``use_ema``) or a bare state_dict; strips ``module.`` / ``_orig_mod.`` prefixes and drops the
-    reference's unused ``talking_heads`` weights. Returns the whole checkpoint dict.
-    Raises :class:`CheckpointError` naming the keys or shapes that differ.
+    ``use_ema``) or a bare state_dict; the model family's ``checkpoint_filter_fn`` strips
+    ``module.`` / ``_orig_mod.`` prefixes and drops parameters the official code never used.
+    Returns the whole checkpoint dict. Raises :class:`CheckpointError` naming the keys or shapes
+    that differ.
     """
     checkpoint = read_checkpoint(path_or_state)
-    state_dict = checkpoint_filter_fn(_state_dict_of(checkpoint, use_ema))
-    target = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    target = getattr(target, "_orig_mod", target)
+    target = _unwrapped(model)
+    family = get_family(target.family_name)
+    state_dict = family.checkpoint_filter_fn(_state_dict_of(checkpoint, use_ema), target)
     _check_fits(target, state_dict, strict)
     target.load_state_dict(state_dict, strict=strict)
     return checkpoint
 
 
-def reference_args_to_model_config(args: argparse.Namespace | Mapping[str, Any]) -> dict[str, Any]:
-    """Model keyword arguments equivalent to what the reference's train.py built from ``args``.
-
-    The reference ignored ``--attention_mode`` (it always trained STAtten) and set ``dvs_mode``
-    from the dataset name; both are reproduced so its checkpoints evaluate as they were trained.
-    """
-    a = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
-    try:
-        return {
-            "img_size": int(a["img_size"]),
-            "in_channels": int(a.get("in_channels", 3)),
-            "num_classes": int(a["num_classes"]),
-            "embed_dims": int(a["dim"]),
-            "num_heads": int(a["num_heads"]),
-            "depths": int(a["layer"]),
-            "mlp_ratio": float(a.get("mlp_ratio", 4.0)),
-            "T": int(a["time_steps"]),
-            "chunk_size": int(a.get("chunk_size", 2)),
-            "pooling_stat": str(a["pooling_stat"]),
-            "attention_mode": "STAtten",
-            "spike_mode": str(a.get("spike_mode", "lif")),
-            "dvs_mode": a.get("dataset") in DVS_DATASETS,
-            "TET": bool(a.get("TET", False)),
-        }
-    except KeyError as err:
-        raise CheckpointError(f"reference checkpoint args lack {err.args[0]!r}") from None
+def _architecture(checkpoint: Mapping[str, Any]) -> str:
+    """The family a checkpoint holds: its ``arch``, else the ``model`` of official ``args``."""
+    if "arch" in checkpoint:
+        return str(checkpoint["arch"])
+    args = checkpoint.get("args")
+    args = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+    return str(args.get("model", "sdt"))
 
 
 def model_config_from_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
-    """The model keyword arguments a checkpoint was trained with (statten or reference format)."""
+    """The model keyword arguments a checkpoint was trained with (statten or official format)."""
     if isinstance(checkpoint.get("model_config"), Mapping):
         return dict(checkpoint["model_config"])
-    if "args" in checkpoint:
-        return reference_args_to_model_config(checkpoint["args"])
-    raise CheckpointError(
-        "the checkpoint carries no model configuration (neither statten's 'model_config' nor the "
-        "reference's 'args'); build the model yourself and use load_checkpoint"
-    )
+    if "args" not in checkpoint:
+        raise CheckpointError(
+            "the checkpoint carries no model configuration (neither statten's 'model_config' "
+            "nor the official 'args'); build the model yourself and use load_checkpoint"
+        )
+    args = checkpoint["args"]
+    args = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+    try:
+        family = get_family(_architecture(checkpoint))
+        return family.reference_kwargs(args)
+    except KeyError as err:
+        raise CheckpointError(f"official checkpoint args lack {err.args[0]!r}") from None
+    except ValueError as err:
+        raise CheckpointError(
+            f"{err}: the checkpoint does not say which statten model it holds; build the model "
+            "yourself and use load_checkpoint"
+        ) from None
 
 
 def create_model_from_checkpoint(
     path_or_state: PathOrState, use_ema: bool = False, **overrides: Any
 ) -> nn.Module:
     """Build the model a checkpoint describes and load its weights (``overrides`` win)."""
-    from statten.factory import create_model
-
     checkpoint = read_checkpoint(path_or_state)
     config = {**model_config_from_checkpoint(checkpoint), **overrides}
-    model = create_model(checkpoint.get("arch", "sdt"), **config)
+    model = create_model(_architecture(checkpoint), **config)
     load_checkpoint(model, checkpoint, strict=True, use_ema=use_ema)
     return model
 

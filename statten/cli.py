@@ -38,7 +38,7 @@ HANDLERS: dict[str, Callable[[Sequence[str]], Any] | str] = {
     "train": _train,
     "test": _test,
     "data": "statten.data.prepare:main",
-    "profile": "statten.analysis.profile:main",
+    "profile": "statten.engine.profiler:main",
     "bench": "statten.bench:main",
 }
 USAGE = (

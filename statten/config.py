@@ -29,8 +29,8 @@ from typing import Any, NoReturn
 import torch
 import yaml
 
-from statten.models.sdt import ATTENTION_MODES, check_pooling_stat
-from statten.neurons import SPIKE_MODES
+from statten.models import family_names, get_family
+from statten.models.family import FamilyOption
 
 __all__ = [
     "COMMANDS",
@@ -159,16 +159,21 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
-    _add(g, "--model", "sdt", "model name")
+    _add(g, "--model", "sdt", "model family", choices=family_names())
     _add(g, "--dim", 512, "embedding dimension D", type=int)
     _add(g, "--layer", 4, "number of encoder blocks", type=int)
     _add(g, "--num-heads", 8, "attention heads", type=int)
     _add(g, "--mlp-ratio", 4, "MLP hidden width as a multiple of --dim", type=int)
     _add(g, "--time-steps", 4, "time steps T", type=int)
     _add(g, "--chunk-size", 2, "STAtten block of consecutive time steps (divides T)", type=int)
-    _add(g, "--pooling-stat", "1111", "4 bits, 1 = max-pool after that patch-embedding stage")
-    _add(g, "--attention-mode --attention_mode", "STAtten", "attention", choices=ATTENTION_MODES)
-    _add(g, "--spike-mode", "lif", "neuron of the MLPs and the head", choices=SPIKE_MODES)
+    modes = sorted({mode for name in family_names() for mode in get_family(name).attention_modes})
+    _add(
+        g,
+        "--attention-mode --attention_mode",
+        None,
+        "attention (default: the model's own default)",
+        choices=modes,
+    )
     _add(g, "--in-channels", 3, "input channels", type=int)
     _add(g, "--num-classes", 1000, "number of classes", type=int)
     _flag(g, "--TET", "temporal efficient training: per-time-step outputs and loss")
@@ -186,6 +191,18 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     _flag(g, "--no-resume-opt", "with --resume, do not restore the optimizer state")
     _flag(g, "--linear-prob", "freeze the patch embedding")
     _flag(g, "--torchscript", "script the model with TorchScript")
+    for option in _family_options():
+        _add(g, f"--{option.key.replace('_', '-')}", None, option.help, type=option.type,
+             choices=option.choices)  # fmt: skip
+
+
+def _family_options() -> list[FamilyOption]:
+    """The configuration keys of every family, each once (unset: the model's own default)."""
+    options: dict[str, FamilyOption] = {}
+    for name in family_names():
+        for option in get_family(name).options:
+            options.setdefault(option.key, option)
+    return list(options.values())
 
 
 def _add_optimizer_args(parser: argparse.ArgumentParser) -> None:
@@ -476,17 +493,21 @@ def _check_values(cfg: argparse.Namespace) -> None:
         value = getattr(cfg, key)
         if value is None or value < low:
             raise ConfigError(f"{key} must be >= {low}, got {value!r}")
-    if cfg.attention_mode == "STAtten" and cfg.time_steps % cfg.chunk_size:
-        raise ConfigError(
-            f"time_steps={cfg.time_steps} is not divisible by chunk_size={cfg.chunk_size} "
-            "(STAtten attends within blocks of chunk_size consecutive time steps)"
-        )
     if cfg.dim % cfg.num_heads:
         raise ConfigError(f"dim={cfg.dim} is not divisible by num_heads={cfg.num_heads}")
+    family = get_family(cfg.model)
+    own = {option.key for option in family.options}
+    foreign = [
+        option.key
+        for option in _family_options()
+        if getattr(cfg, option.key) is not None and option.key not in own
+    ]
+    if foreign:
+        raise ConfigError(f"{', '.join(foreign)}: not an option of model {cfg.model}")
     try:
-        check_pooling_stat(cfg.pooling_stat)
+        family.validate(model_config(cfg))
     except ValueError as err:
-        raise ConfigError(f'{err} (in YAML, quote it: pooling_stat: "0011")') from None
+        raise ConfigError(f"model {cfg.model}: {err}") from None
 
 
 def parse_config(argv: Sequence[str] | None, command: str) -> argparse.Namespace:
@@ -548,27 +569,10 @@ def save_config(cfg: argparse.Namespace, path: str | os.PathLike[str]) -> None:
 def model_config(cfg: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments for ``statten.create_model(cfg.model, **model_config(cfg))``.
 
-    ``dvs_mode`` follows the dataset (event datasets), as in the reference; an unset
-    ``img_size`` is left to the model's default.
+    The model's family maps the configuration to its constructor (unset keys are left to the
+    model's defaults); event datasets tell it that its input is event frames.
     """
-    config = {
-        "img_size": cfg.img_size,
-        "in_channels": cfg.in_channels,
-        "num_classes": cfg.num_classes,
-        "embed_dims": cfg.dim,
-        "num_heads": cfg.num_heads,
-        "depths": cfg.layer,
-        "mlp_ratio": cfg.mlp_ratio,
-        "T": cfg.time_steps,
-        "chunk_size": cfg.chunk_size,
-        "pooling_stat": cfg.pooling_stat,
-        "attention_mode": cfg.attention_mode,
-        "spike_mode": cfg.spike_mode,
-        "dvs_mode": cfg.dataset in DVS_DATASETS,
-        "TET": cfg.TET,
-        "drop_path_rate": cfg.drop_path,
-    }
-    return {k: v for k, v in config.items() if v is not None}
+    return get_family(cfg.model).kwargs_from_config(cfg, cfg.dataset in DVS_DATASETS)
 
 
 def explicit_options(argv: Sequence[str], command: str) -> dict[str, Any]:

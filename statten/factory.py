@@ -7,19 +7,18 @@ from typing import Any
 import timm
 from torch import nn
 
-from statten.models import MODEL_FACTORIES
+from statten.models import family_names, get_family
 
 
 def list_models() -> list[str]:
     """Names accepted by :func:`create_model`."""
-    return sorted(MODEL_FACTORIES)
+    return family_names()
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:
-    """Build model ``name`` (e.g. ``"sdt"``) with keyword arguments of the model class.
+    """Build model ``name`` (e.g. ``"sdt"``, ``"spikformer"``) with its keyword arguments.
 
     The same models are reachable as ``timm.create_model(name, ...)`` once statten is imported.
     """
-    if name not in MODEL_FACTORIES:
-        raise ValueError(f"unknown model {name!r}; statten provides {list_models()}")
+    get_family(name)  # a clear error for an unknown name
     return timm.create_model(name, **kwargs)

@@ -29,6 +29,7 @@ from statten.fast.functions import record_saved_tensors
 from statten.fast.inference import SpikeConv2d
 from statten.fast.kernels import lif_input_grad, lif_spikes
 from statten.fast.storage import _Packed, _SpikeStore, _unpack
+from statten.models.base import SpikingModel
 from statten.neurons import LIF, is_neuron
 
 TINY = {"img_size": 16, "embed_dims": 64, "num_heads": 4, "depths": 2, "num_classes": 5, "T": 4}
@@ -52,7 +53,7 @@ def _model(**overrides) -> torch.nn.Module:
 def _inputs(model: torch.nn.Module, batch: int = 4) -> torch.Tensor:
     generator = torch.Generator().manual_seed(1)
     size = model.img_size
-    if model.dvs_mode:
+    if model.event_input:
         return torch.rand(batch, model.T, 2, size, size, generator=generator).mul(4).floor()
     return torch.randn(batch, model.in_channels, size, size, generator=generator) * 2
 
@@ -267,20 +268,32 @@ def test_optimize_for_training_matches_the_plain_model_in_channels_last() -> Non
         torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-5 * largest)
 
 
-def test_fold_batchnorm_matches_conv_then_batchnorm() -> None:
+@pytest.mark.parametrize(
+    ("layer", "norm", "shape"),
+    [
+        (torch.nn.Conv2d(4, 6, 3, padding=1), torch.nn.BatchNorm2d(6), (2, 4, 8, 8)),
+        (torch.nn.Conv1d(4, 6, 1), torch.nn.BatchNorm1d(6), (2, 4, 5)),
+        (torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), (2, 4)),
+    ],
+)
+def test_fold_batchnorm_matches_layer_then_batchnorm(
+    layer: torch.nn.Module, norm: torch.nn.Module, shape: tuple[int, ...]
+) -> None:
     torch.manual_seed(0)
-    layers = torch.nn.Sequential(torch.nn.Conv2d(4, 6, 3, padding=1), torch.nn.BatchNorm2d(6))
-    layers[1].running_mean.normal_()
-    layers[1].running_var.uniform_(0.5, 2)
-    layers[1].weight.data.normal_()
-    layers.eval()
-    holder = torch.nn.Module()
-    holder.proj_conv, holder.proj_bn = copy.deepcopy(layers[0]), copy.deepcopy(layers[1])
+    norm.running_mean.normal_()
+    norm.running_var.uniform_(0.5, 2)
+    norm.weight.data.normal_()
+    layers = torch.nn.Sequential(layer, norm).eval()
+    holder = SpikingModel()
+    kind = "linear" if isinstance(layer, torch.nn.Linear) else "conv"
+    setattr(holder, f"proj_{kind}", copy.deepcopy(layer))
+    holder.proj_bn = copy.deepcopy(norm)
     fold_batchnorm(holder)
     assert isinstance(holder.proj_bn, torch.nn.Identity)
-    x = torch.randn(2, 4, 8, 8)
+    x = torch.randn(*shape)
     with torch.no_grad():
-        torch.testing.assert_close(holder.proj_conv(x), layers(x), rtol=1e-5, atol=1e-5)
+        folded = getattr(holder, f"proj_{kind}")(x)
+        torch.testing.assert_close(folded, layers(x), rtol=1e-5, atol=1e-5)
 
 
 @needs_c_compiler

@@ -17,11 +17,11 @@ from torch import nn
 import statten
 from statten.analysis import EnergyModel, OpRecorder
 from statten.analysis.ops import is_spike_count
-from statten.analysis.profile import SCHEMA
 from statten.attention import SpatioTemporalAttention
 from statten.cli import main
 from statten.data import create_eval_loader
 from statten.engine import tester
+from statten.engine.profiler import SCHEMA
 from statten.models.sdt import SpikingSelfAttention
 
 aten = torch.ops.aten

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
+from statten import list_models
 from statten.checkpoint import read_checkpoint
 from statten.cli import main
 from statten.config import parse_config
@@ -112,11 +114,12 @@ def test_sigkill_mid_epoch_resumes_from_recovery_and_never_truncates(tmp_path: P
     assert not list(run.glob("*.tmp-*"))
 
 
-def test_two_process_ddp_on_cpu_ends_with_identical_weights(tmp_path: Path) -> None:
+@pytest.mark.parametrize("family", list_models())
+def test_two_process_ddp_on_cpu_ends_with_identical_weights(tmp_path: Path, family: str) -> None:
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
         str(Path(__file__).parent / "ddp_worker.py"), str(tmp_path),
-        *SMALL, "--epochs", "1", "--dist-bn", "reduce",
+        *SMALL, "--model", family, "--epochs", "1", "--dist-bn", "reduce",
         "--output", str(tmp_path), "--experiment", "ddp",
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
@@ -149,7 +152,12 @@ def test_two_process_statten_test_reports_the_firing_rates_of_all_samples(tmp_pa
         assert two["firing_rates"][name] == pytest.approx(rates, rel=1e-9, abs=1e-12), name
 
 
-RECIPES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "conf").glob("*/*.yml"))
+# The recipes of sdt, the model the STAtten reference's command lines train.
+RECIPES = sorted(
+    str(p.relative_to(ROOT))
+    for p in (ROOT / "conf").glob("*/*.yml")
+    if yaml.safe_load(p.read_text()).get("model") == "sdt"
+)
 SEED_FLAGS = ["--model", "sdt", "--spike-mode", "lif", "--attention_mode", "STAtten"]
 
 

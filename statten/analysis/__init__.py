@@ -1,6 +1,9 @@
 """Analysis tools: spike recording, firing rates, operation counts and energy estimates.
 
-``statten profile`` (:mod:`statten.analysis.profile`) puts them together; see docs/profile.md.
+They work on any model through forward hooks and never import a model family: a family's module
+that computes something they cannot see from the outside counts it itself (see
+:class:`OpRecorder`). ``statten profile`` (:mod:`statten.engine.profiler`) puts them together;
+see docs/profile.md.
 """
 
 from statten.analysis.energy import EnergyModel

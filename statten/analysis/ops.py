@@ -23,11 +23,21 @@ from math import prod
 import torch
 from torch import Tensor, nn
 
-from statten.analysis.recorder import clean_module_name
-from statten.attention import SpatioTemporalAttention, dvs_max_pool
-from statten.models.sdt import SpikingSelfAttention
+from statten.attention import SpatioTemporalAttention
+from statten.naming import clean_module_name
 
-__all__ = ["FLOPS_PER_MAC", "LayerOps", "OpRecorder", "is_spike_count"]
+__all__ = [
+    "FLOPS_PER_MAC",
+    "Counts",
+    "LayerOps",
+    "OpRecorder",
+    "is_spike_count",
+    "per_step_sum",
+    "statten_counts",
+]
+
+# Layers counted as weighted sums: every convolution and linear map.
+WEIGHTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 # Dense FLOPs per counted MAC: a multiply and an add for weighted sums, one op for the rest.
 FLOPS_PER_MAC = {"conv": 2, "linear": 2, "matmul": 2, "mul": 1, "sum": 1}
@@ -119,43 +129,14 @@ def statten_counts(q: Tensor, k: Tensor, v: Tensor) -> Counts:
     }
 
 
-def sdt_counts(
-    q: Tensor, k: Tensor, v: Tensor, summed: Tensor, kv_spikes: Tensor, heads: int
-) -> Counts:
-    """Counts of SDT's token mix ``q * LIF(sum_N(k * v))`` (see :func:`statten_counts`).
-
-    ``q, k, v``: spikes ``[T, B, C, H, W]`` as mixed (after DVS pooling); ``summed``: the input
-    of ``talking_heads_lif`` (``[T, B, heads, 1, d]``, the token sums); ``kv_spikes``: its
-    output. Every element-wise product costs one MAC per element and one SOP per coinciding
-    pair of spikes; the token sum one MAC per summed element and one SOP per summed spike.
-    """
-    T, B, C = q.shape[:3]
-    step_macs = torch.full((T,), q[0].numel(), dtype=torch.float64)
-    q_per_channel = q.reshape(T, B, heads, C // heads, -1).sum(-1, dtype=torch.float64)
-    q_kv_pairs = per_step_sum(q_per_channel * kv_spikes.reshape(q_per_channel.shape), T)
-    spiking = all(is_spike_count(x) for x in (q, k, v, summed, kv_spikes))
-    return {
-        "k * v": ("mul", step_macs, per_step_sum(k * v, T), spiking),
-        "sum_N": ("sum", step_macs.clone(), per_step_sum(summed, T), spiking),
-        "q * kv": ("mul", step_macs.clone(), q_kv_pairs, spiking),
-    }
-
-
-def dvs_gate_counts(attn_spikes: Tensor, x_pool: Tensor) -> Counts:
-    """Counts of the DVS STAtten gate ``out * x_pool`` (its ``+ x_pool`` is not counted)."""
-    T = x_pool.shape[0]
-    step_macs = torch.full((T,), x_pool[0].numel(), dtype=torch.float64)
-    pairs = per_step_sum(attn_spikes.reshape(x_pool.shape) * x_pool, T)
-    spiking = is_spike_count(attn_spikes) and is_spike_count(x_pool)
-    return {"out * x_pool": ("mul", step_macs, pairs, spiking)}
-
-
 class OpRecorder:
     """Context manager counting the operations of every layer of a time-first spiking model.
 
-    Counted: ``nn.Conv2d`` and ``nn.Linear`` layers, STAtten's products (hooked on
-    :class:`~statten.attention.SpatioTemporalAttention`), and the spike products and sums of
-    :class:`~statten.models.sdt.SpikingSelfAttention` (SDT token mix, DVS gate)::
+    Counted: convolutions and linear layers, STAtten's products (hooked on
+    :class:`~statten.attention.SpatioTemporalAttention`, which every family uses for its
+    ``Q K^T V``), and whatever a module of a family counts itself: a module with a method
+    ``register_op_counting(recorder, name)`` is asked to hook its own products with
+    :meth:`hook` and report them with :meth:`add_products` (e.g. SDT's element-wise token mix)::
 
         with OpRecorder(model, time_steps=4) as ops:
             for x, _ in loader:
@@ -175,12 +156,12 @@ class OpRecorder:
     def __enter__(self) -> OpRecorder:
         for name, module in self.model.named_modules():
             name = clean_module_name(name)
-            if isinstance(module, (nn.Conv2d, nn.Linear)):
-                self._hook(module, self._weighted_hook(name))
+            if isinstance(module, WEIGHTED_LAYERS):
+                self.hook(module, self._weighted_hook(name))
             elif isinstance(module, SpatioTemporalAttention):
-                self._hook(module, self._statten_hook(name))
-            elif isinstance(module, SpikingSelfAttention) and _mix_neurons(module):
-                self._watch_attention(name, module)
+                self.hook(module, self._statten_hook(name))
+            elif hasattr(module, "register_op_counting"):
+                module.register_op_counting(self, name)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -192,7 +173,8 @@ class OpRecorder:
         """Counts of every layer that ran, in the order of their first call."""
         return list(self._layers.values())
 
-    def _hook(self, module: nn.Module, hook: Callable, pre: bool = False) -> None:
+    def hook(self, module: nn.Module, hook: Callable, pre: bool = False) -> None:
+        """Register a forward (or forward-pre) hook that lives as long as the ``with`` block."""
         register = module.register_forward_pre_hook if pre else module.register_forward_hook
         self._handles.append(register(hook))
 
@@ -207,7 +189,8 @@ class OpRecorder:
         layer.sops = layer.sops + sops
         layer.spike_driven = layer.spike_driven and spiking
 
-    def _add_products(self, prefix: str, counts: Counts) -> None:
+    def add_products(self, prefix: str, counts: Counts) -> None:
+        """Add the counts of one call of products, as rows ``<prefix>[<product label>]``."""
         for label, (kind, macs, sops, spiking) in counts.items():
             self._add(f"{prefix}[{label}]", kind, 0, macs, sops, spiking)
 
@@ -224,49 +207,6 @@ class OpRecorder:
     def _statten_hook(self, name: str) -> Callable:
         def record(module: SpatioTemporalAttention, inputs: tuple, out: Tensor) -> None:
             q, k, v = (x.detach() for x in inputs[:3])
-            self._add_products(name, statten_counts(q, k, v))
+            self.add_products(name, statten_counts(q, k, v))
 
         return record
-
-    def _watch_attention(self, name: str, attn: SpikingSelfAttention) -> None:
-        """Keep the attention's neuron inputs/outputs of a call; count its token mix from them."""
-        seen: dict[str, tuple[Tensor, Tensor]] = {}
-
-        def keep(neuron: str) -> Callable:
-            def record(module: nn.Module, inputs: tuple, out: Tensor) -> None:
-                seen[neuron] = (inputs[0].detach(), out.detach())
-
-            return record
-
-        def count(module: nn.Module, inputs: tuple) -> None:
-            self._add_products(name, _token_mix_counts(attn, seen))
-            seen.clear()
-
-        for neuron in _mix_neurons(attn):
-            self._hook(getattr(attn, neuron), keep(neuron))
-        self._hook(attn.proj_conv, count, pre=True)
-
-
-def _mix_neurons(attn: SpikingSelfAttention) -> tuple[str, ...]:
-    """The neurons of ``attn`` whose spikes its element-wise token mix combines (if any)."""
-    if attn.attention_mode == "SDT":
-        return ("q_lif", "k_lif", "v_lif", "talking_heads_lif")
-    return ("shortcut_lif", "attn_lif") if attn.dvs else ()
-
-
-def _token_mix_counts(attn: SpikingSelfAttention, seen: dict[str, tuple[Tensor, Tensor]]) -> Counts:
-    """The element-wise spike products and sums of one call: SDT's token mix or the DVS gate.
-
-    Mirrors :meth:`SpikingSelfAttention.forward`: in DVS mode Q, K, V and the shortcut spikes are
-    3x3 max-pooled before they are mixed.
-    """
-
-    def spikes(neuron: str) -> Tensor:
-        out = seen[neuron][1]
-        return dvs_max_pool(out) if attn.dvs else out
-
-    if attn.attention_mode == "SDT":
-        summed, kv_spikes = seen["talking_heads_lif"]
-        q, k, v = spikes("q_lif"), spikes("k_lif"), spikes("v_lif")
-        return sdt_counts(q, k, v, summed, kv_spikes, attn.num_heads)
-    return dvs_gate_counts(seen["attn_lif"][1], spikes("shortcut_lif"))

@@ -7,15 +7,8 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from statten.models.sdt import WRAPPER_PREFIXES
+from statten.naming import clean_module_name
 from statten.neurons import is_neuron
-
-
-def clean_module_name(name: str) -> str:
-    """A module path without DDP (``module.``) or ``torch.compile`` (``_orig_mod.``) prefixes."""
-    while name.startswith(WRAPPER_PREFIXES):
-        name = name.split(".", 1)[1]
-    return name
 
 
 class SpikeRecorder:

@@ -7,7 +7,6 @@ each epoch makes the train order a function of ``(cfg.seed, epoch)`` only.
 
 from statten.data.datasets import (
     DATASETS,
-    DatasetNotFoundError,
     DatasetSpec,
     build_dataset,
     create_datasets,
@@ -15,6 +14,7 @@ from statten.data.datasets import (
     num_classes,
 )
 from statten.data.digits import DigitsDataset
+from statten.data.errors import DatasetNotFoundError
 from statten.data.loaders import (
     EpochRepeatAugSampler,
     EpochShuffleSampler,

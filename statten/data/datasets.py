@@ -21,6 +21,7 @@ from torchvision.datasets import CIFAR10, CIFAR100
 
 from statten.data.digits import NUM_CLASSES as DIGITS_CLASSES
 from statten.data.digits import Stats, build_digits, digits_stats
+from statten.data.errors import DatasetNotFoundError
 from statten.data.options import option
 
 CIFAR10_STATS: Stats = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
@@ -34,10 +35,6 @@ FOLDER_LAYOUT = (
 )
 
 Builder = Callable[[Namespace, dict[str, Any], bool], Dataset]
-
-
-class DatasetNotFoundError(ValueError):
-    """A dataset is unknown, missing on disk or not supported yet; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -165,7 +162,7 @@ def _open_folder(cfg: Namespace, data_cfg: dict[str, Any], training: bool) -> Da
 def _event_dataset(cfg: Namespace, data_cfg: dict[str, Any], training: bool) -> Dataset:
     """Builder of the event datasets (see :mod:`statten.data.events`).
 
-    Imported on use: that module loads SpikingJelly and imports this one.
+    Imported on use: that module loads SpikingJelly's dataset machinery.
     """
     from statten.data.events import build_event_dataset
 

@@ -44,7 +44,7 @@ import numpy as np
 from spikingjelly.datasets import integrate_events_by_fixed_frames_number
 from tqdm import tqdm
 
-from statten.data.datasets import DatasetNotFoundError
+from statten.data.errors import DatasetNotFoundError
 from statten.data.event_sources import EVENT_DATASETS, EventDataset, file_digest
 
 MANIFEST_FORMAT = 1

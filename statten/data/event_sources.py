@@ -27,7 +27,7 @@ from spikingjelly.datasets import CIFAR10DVS, NCaltech101, load_ATIS_bin
 from spikingjelly.datasets.cifar10_dvs import _load_origin_data
 from torchvision.datasets.utils import extract_archive
 
-from statten.data.datasets import DatasetNotFoundError
+from statten.data.errors import DatasetNotFoundError
 
 DOWNLOAD_DIR = "download"
 EXTRACT_DIR = "extract"

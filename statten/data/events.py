@@ -19,7 +19,7 @@ from torch.utils.data import Dataset, Subset
 from torchvision.transforms import Compose
 
 from statten.config import ConfigError
-from statten.data.datasets import DatasetNotFoundError
+from statten.data.errors import DatasetNotFoundError
 from statten.data.event_cache import check_frames, check_spikingjelly_layout, frames_stage_name
 from statten.data.event_sources import EVENT_DATASETS, EventDataset
 from statten.data.event_transforms import (

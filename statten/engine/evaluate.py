@@ -24,7 +24,8 @@ def evaluate(
 ) -> dict:
     """Loss (cross-entropy), top-1 and top-5 in percent over ``loader``, reduced over ranks.
 
-    TET outputs are averaged over time before scoring. With ``record_firing_rates`` the result
+    Per-step outputs (``model.per_step_logits``, e.g. TET) are averaged over time before
+    scoring. With ``record_firing_rates`` the result
     also holds ``firing_rates``: ``{layer: [rate per time step]}`` of every neuron layer, also
     over all ranks.
     """
@@ -36,7 +37,7 @@ def evaluate(
             images = images.to(ctx.device, non_blocking=True)
             targets = targets.to(ctx.device, non_blocking=True)
             with autocast or contextlib.nullcontext():
-                scores = time_averaged(model(images)).float()
+                scores = time_averaged(model(images), model.per_step_logits).float()
             top5 = scores.topk(min(5, scores.shape[1]), dim=1).indices
             hits = top5 == targets[:, None]
             totals += torch.tensor(

@@ -30,9 +30,10 @@ class TETLoss(nn.Module):
         return (1 - self.lamb) * per_step + self.lamb * regulariser
 
 
-def time_averaged(logits: torch.Tensor) -> torch.Tensor:
-    """Class scores ``[B, K]``: TET outputs ``[T, B, K]`` are averaged over time first."""
-    return logits.mean(0) if logits.dim() == 3 else logits
+def time_averaged(logits: torch.Tensor, per_step: bool) -> torch.Tensor:
+    """Class scores ``[B, K]``: per-step outputs ``[T, B, K]`` (``per_step``, e.g. a TET model)
+    are averaged over time first."""
+    return logits.mean(0) if per_step else logits
 
 
 def create_train_criterion(cfg: argparse.Namespace, mixup_active: bool) -> nn.Module:

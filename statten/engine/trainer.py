@@ -31,6 +31,7 @@ from statten.engine.distributed import DistributedContext, init_distributed, shu
 from statten.engine.evaluate import evaluate
 from statten.engine.losses import create_train_criterion
 from statten.factory import create_model
+from statten.models import get_family
 
 _logger = logging.getLogger("statten.train")
 
@@ -120,8 +121,9 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         if ctx.distributed and getattr(cfg, "sync_bn", False):
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        if getattr(cfg, "linear_prob", False):
-            self.model.patch_embed.requires_grad_(False)  # the reference's --linear-prob
+        if getattr(cfg, "linear_prob", False):  # the reference's --linear-prob
+            for name in get_family(cfg.model).linear_probe_frozen:
+                self.model.get_submodule(name).requires_grad_(False)
         self.optimizer = create_optimizer_v2(self.model, **optimizer_kwargs(cfg))
         use_fp16 = getattr(cfg, "amp", False) and ctx.device.type == "cuda"
         use_fp16 = use_fp16 and getattr(cfg, "amp_dtype", "float16") != "bfloat16"

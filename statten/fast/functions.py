@@ -24,7 +24,21 @@ from torch import nn
 from statten.fast.kernels import lif_input_grad, lif_spikes
 from statten.fast.storage import mark_spikes, observing_saved_tensors
 
-__all__ = ["fused_conv_bn_lif", "fused_lif", "max_pool", "record_saved_tensors"]
+__all__ = [
+    "fused_conv_bn_lif",
+    "fused_lif",
+    "max_pool",
+    "record_saved_tensors",
+    "use_fused_neurons",
+]
+
+
+def use_fused_neurons(model: nn.Module, enabled: bool) -> None:
+    """Switch every neuron layer of ``model`` that has fused kernels (a ``fused`` attribute,
+    :class:`statten.neurons.LIF`) to them, or back to SpikingJelly's step-by-step kernels."""
+    for module in model.modules():
+        if hasattr(module, "fused"):
+            module.fused = enabled
 
 
 class _LIF(torch.autograd.Function):

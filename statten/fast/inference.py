@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from statten.fast import native
+from statten.fast.functions import use_fused_neurons
 from statten.fast.kernels import use_compiled_kernels
-from statten.neurons import LIF
 
 __all__ = ["SpikeConv2d", "fold_batchnorm", "optimize_for_inference"]
 
@@ -82,35 +82,27 @@ class SpikeConv2d(nn.Conv2d):
         return super().forward(x)
 
 
-def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-    """A conv computing ``bn(conv(x))`` with ``bn``'s running statistics."""
+def _folded(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:
+    """A conv or linear layer computing ``bn(layer(x))`` with ``bn``'s running statistics."""
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-    folded = copy.deepcopy(conv)
-    folded.weight = nn.Parameter(conv.weight * scale.view(-1, 1, 1, 1))
+    bias = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
+    folded = copy.deepcopy(layer)
+    shape = (-1,) + (1,) * (layer.weight.dim() - 1)
+    folded.weight = nn.Parameter(layer.weight * scale.view(shape))
     folded.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias)
     return folded
 
 
-def _conv_bn_pairs(module: nn.Module) -> list[tuple[str, str]]:
-    """Children ``<a>conv<b>`` with a BatchNorm2d sibling ``<a>bn<b>`` (the model's names)."""
-    children = dict(module.named_children())
-    pairs = []
-    for name, child in children.items():
-        bn_name = name.replace("conv", "bn", 1)
-        if isinstance(child, nn.Conv2d) and isinstance(children.get(bn_name), nn.BatchNorm2d):
-            pairs.append((name, bn_name))
-    return pairs
-
-
 @torch.no_grad()
 def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """Fold every BatchNorm2d into the conv in front of it (in place); the BN becomes Identity."""
-    for module in list(model.modules()):
-        for conv_name, bn_name in _conv_bn_pairs(module):
-            conv, bn = getattr(module, conv_name), getattr(module, bn_name)
-            setattr(module, conv_name, _folded(conv, bn))
-            setattr(module, bn_name, nn.Identity())
+    """Fold the BatchNorms the model declares foldable (``model.batchnorm_folds()``, see
+    :class:`~statten.models.base.SpikingModel`) into the layer in front of them, in place; each
+    folded BatchNorm becomes an Identity.
+    """
+    for parent, layer_name, bn_name in model.batchnorm_folds():
+        layer, bn = getattr(parent, layer_name), getattr(parent, bn_name)
+        setattr(parent, layer_name, _folded(layer, bn))
+        setattr(parent, bn_name, nn.Identity())
     return model
 
 
@@ -140,9 +132,7 @@ def optimize_for_inference(
     (:class:`SpikeConv2d`). Run it under ``torch.inference_mode()``.
     """
     fast = fold_batchnorm(copy.deepcopy(model).eval())
-    for module in fast.modules():
-        if isinstance(module, LIF):
-            module.fused = True
+    use_fused_neurons(fast, True)
     if compile_kernels:
         use_compiled_kernels(True)
     if spike_driven:

@@ -1,5 +1,10 @@
-"""Model families of statten, registered with timm on import."""
+"""Model families of statten, registered with timm and with :mod:`statten.models.family` on import.
 
-from statten.models.sdt import MODEL_FACTORIES, SpikeDrivenTransformer, checkpoint_filter_fn
+Each family lives in its own file (building blocks, model class, registered factories and its
+:class:`~statten.models.family.ModelFamily` at the bottom).
+"""
 
-__all__ = ["MODEL_FACTORIES", "SpikeDrivenTransformer", "checkpoint_filter_fn"]
+from statten.models.family import ModelFamily, family_names, get_family
+from statten.models.sdt import SpikeDrivenTransformer
+
+__all__ = ["ModelFamily", "SpikeDrivenTransformer", "family_names", "get_family"]

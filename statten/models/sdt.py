@@ -7,19 +7,30 @@ the ``talking_heads`` weights that the reference creates but never uses.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from spikingjelly.activation_based.functional import seq_to_ann_forward
-from timm.layers import drop_path, trunc_normal_
+from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from torch import nn
+from torch import Tensor, nn
 
+from statten.analysis.ops import Counts, OpRecorder, is_spike_count, per_step_sum
 from statten.attention import SpatioTemporalAttention, dvs_max_pool
 from statten.fast.functions import max_pool
-from statten.fast.storage import spike_storage, storing_spikes
-from statten.neurons import LIF, check_spike_mode, create_neuron
+from statten.fast.storage import storing_spikes
+from statten.layers import (
+    ATTENTION_V_THRESHOLD,
+    conv_bn_lif,
+    drop_path_per_sample,
+    merge_heads,
+    per_step,
+    split_heads,
+)
+from statten.models.base import SpikingModel
+from statten.models.family import FamilyOption, ModelFamily, register_family
+from statten.naming import clean_module_name
+from statten.neurons import LIF, SPIKE_MODES, check_spike_mode, create_neuron
 
 __all__ = [
     "ATTENTION_MODES",
@@ -32,40 +43,9 @@ __all__ = [
 ]
 
 ATTENTION_MODES = ("STAtten", "SDT")
-ATTENTION_V_THRESHOLD = 0.5  # attn_lif and talking_heads_lif fire at half the usual threshold
 # Patch-embedding stages whose conv output a memory-efficient model recomputes in backward rather
 # than stores: the cheap ones (few input channels). Attention and MLP 1x1 convs always recompute.
 RECOMPUTED_STAGES = ("", "1")
-
-
-def per_step(modules: nn.Module | Iterable[nn.Module], x: torch.Tensor) -> torch.Tensor:
-    """Apply stateless layers to every time step of ``[T, B, ...]`` at once (T and B folded)."""
-    return seq_to_ann_forward(x, modules if isinstance(modules, nn.Module) else list(modules))
-
-
-def conv_bn_lif(
-    conv: nn.Module,
-    bn: nn.Module,
-    lif: nn.Module,
-    x: torch.Tensor,
-    recompute: bool = False,
-    pool: nn.MaxPool2d | None = None,
-) -> torch.Tensor:
-    """``lif(bn(conv(x)))`` with conv and BN per time step, then ``pool`` per step if given.
-
-    A fused LIF runs them all as one layer.
-    """
-    if getattr(lif, "fused", False):
-        return lif(x, conv_bn=(conv, bn), recompute=recompute, pool=pool)
-    spikes = lif(per_step((conv, bn), x))
-    return spikes if pool is None else per_step(pool, spikes)
-
-
-def drop_path_per_sample(x: torch.Tensor, prob: float, training: bool) -> torch.Tensor:
-    """Stochastic depth on a time-first tensor: drops whole samples (axis 1), all time steps."""
-    if prob == 0.0 or not training:
-        return x
-    return drop_path(x.transpose(0, 1), prob, training).transpose(0, 1)
 
 
 def check_pooling_stat(pooling_stat: str) -> str:
@@ -74,7 +54,8 @@ def check_pooling_stat(pooling_stat: str) -> str:
     if not well_formed or set(pooling_stat) - {"0", "1"}:
         raise ValueError(
             f"malformed pooling_stat {pooling_stat!r}: expected 4 characters of '0'/'1', "
-            "one per patch-embedding stage (e.g. '0011' for CIFAR, '1111' for ImageNet)"
+            "one per patch-embedding stage (e.g. '0011' for CIFAR, '1111' for ImageNet; "
+            'in YAML, quote it: pooling_stat: "0011")'
         )
     return pooling_stat
 
@@ -107,10 +88,7 @@ class SpikingPatchEmbed(nn.Module):
             return self._pool(x) if pool else x
         lif = getattr(self, f"proj_lif{suffix}")
         recompute = suffix in RECOMPUTED_STAGES
-        if pool and storing_spikes():  # memory-efficient training: pooled inside the fused layer
-            return conv_bn_lif(conv, bn, lif, x, recompute, self.maxpool)
-        x = conv_bn_lif(conv, bn, lif, x, recompute)
-        return per_step(self.maxpool, x) if pool else x
+        return conv_bn_lif(conv, bn, lif, x, recompute, self.maxpool if pool else None)
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
         """Max pool per step, keeping int32 argmaxes for backward in a memory-efficient forward."""
@@ -160,13 +138,7 @@ class SpikingSelfAttention(nn.Module):
         s = conv_bn_lif(*layers, getattr(self, f"{name}_lif"), x, recompute=True)
         if self.dvs:
             s = dvs_max_pool(s)
-        T, B, C, H, W = s.shape
-        return s.view(T, B, self.num_heads, C // self.num_heads, H * W).transpose(-1, -2)
-
-    def _merge_heads(self, x: torch.Tensor) -> torch.Tensor:
-        """``[T, B, heads, N, d]`` -> ``[T, B, heads * d, N]``."""
-        T, B, _, N, _ = x.shape
-        return x.transpose(-1, -2).reshape(T, B, -1, N)
+        return split_heads(s.flatten(3), self.num_heads)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         T, B, C, H, W = x.shape
@@ -174,7 +146,7 @@ class SpikingSelfAttention(nn.Module):
         q, k, v = (self._heads(name, x) for name in ("q", "k", "v"))
         if self.attention_mode == "STAtten":
             scale = 1.0 / (H * H * self.chunk_size) if self.dvs else 1.0 / H
-            out = self.attn_lif(self._merge_heads(self.statten(q, k, v, scale)))
+            out = self.attn_lif(merge_heads(self.statten(q, k, v, scale)))
             out = out.view(T, B, C, H, W)
             if self.dvs:
                 x_pool = dvs_max_pool(x)
@@ -186,8 +158,89 @@ class SpikingSelfAttention(nn.Module):
             out = q * self.talking_heads_lif(kv.sum(dim=-2, keepdim=True))
             if self.dvs:
                 out = dvs_max_pool(out)
-            out = self._merge_heads(out).view(T, B, C, H, W)
+            out = merge_heads(out).view(T, B, C, H, W)
         return per_step((self.proj_conv, self.proj_bn), out)
+
+    def register_op_counting(self, recorder: OpRecorder, name: str) -> None:
+        """Count the element-wise token mix (SDT) or the DVS gate of STAtten in ``recorder``.
+
+        STAtten's own product is counted on its :class:`SpatioTemporalAttention`. The mix is
+        counted from the inputs and outputs of this block's neurons, kept during a call.
+        """
+        neurons = _mix_neurons(self)
+        if not neurons:
+            return
+        seen: dict[str, tuple[Tensor, Tensor]] = {}
+
+        def keep(neuron: str) -> Callable:
+            def record(module: nn.Module, inputs: tuple, out: Tensor) -> None:
+                seen[neuron] = (inputs[0].detach(), out.detach())
+
+            return record
+
+        def count(module: nn.Module, inputs: tuple) -> None:
+            recorder.add_products(name, _token_mix_counts(self, seen))
+            seen.clear()
+
+        for neuron in neurons:
+            recorder.hook(getattr(self, neuron), keep(neuron))
+        recorder.hook(self.proj_conv, count, pre=True)
+
+
+def sdt_counts(
+    q: Tensor, k: Tensor, v: Tensor, summed: Tensor, kv_spikes: Tensor, heads: int
+) -> Counts:
+    """Counts of SDT's token mix ``q * LIF(sum_N(k * v))`` (docs/profile.md).
+
+    ``q, k, v``: spikes ``[T, B, C, H, W]`` as mixed (after DVS pooling); ``summed``: the input
+    of ``talking_heads_lif`` (``[T, B, heads, 1, d]``, the token sums); ``kv_spikes``: its
+    output. Every element-wise product costs one MAC per element and one SOP per coinciding
+    pair of spikes; the token sum one MAC per summed element and one SOP per summed spike.
+    """
+    T, B, C = q.shape[:3]
+    step_macs = torch.full((T,), q[0].numel(), dtype=torch.float64)
+    q_per_channel = q.reshape(T, B, heads, C // heads, -1).sum(-1, dtype=torch.float64)
+    q_kv_pairs = per_step_sum(q_per_channel * kv_spikes.reshape(q_per_channel.shape), T)
+    spiking = all(is_spike_count(x) for x in (q, k, v, summed, kv_spikes))
+    return {
+        "k * v": ("mul", step_macs, per_step_sum(k * v, T), spiking),
+        "sum_N": ("sum", step_macs.clone(), per_step_sum(summed, T), spiking),
+        "q * kv": ("mul", step_macs.clone(), q_kv_pairs, spiking),
+    }
+
+
+def dvs_gate_counts(attn_spikes: Tensor, x_pool: Tensor) -> Counts:
+    """Counts of the DVS STAtten gate ``out * x_pool`` (its ``+ x_pool`` is not counted)."""
+    T = x_pool.shape[0]
+    step_macs = torch.full((T,), x_pool[0].numel(), dtype=torch.float64)
+    pairs = per_step_sum(attn_spikes.reshape(x_pool.shape) * x_pool, T)
+    spiking = is_spike_count(attn_spikes) and is_spike_count(x_pool)
+    return {"out * x_pool": ("mul", step_macs, pairs, spiking)}
+
+
+def _mix_neurons(attn: SpikingSelfAttention) -> tuple[str, ...]:
+    """The neurons of ``attn`` whose spikes its element-wise token mix combines (if any)."""
+    if attn.attention_mode == "SDT":
+        return ("q_lif", "k_lif", "v_lif", "talking_heads_lif")
+    return ("shortcut_lif", "attn_lif") if attn.dvs else ()
+
+
+def _token_mix_counts(attn: SpikingSelfAttention, seen: dict[str, tuple[Tensor, Tensor]]) -> Counts:
+    """The element-wise spike products and sums of one call: SDT's token mix or the DVS gate.
+
+    Mirrors :meth:`SpikingSelfAttention.forward`: in DVS mode Q, K, V and the shortcut spikes are
+    3x3 max-pooled before they are mixed.
+    """
+
+    def spikes(neuron: str) -> Tensor:
+        out = seen[neuron][1]
+        return dvs_max_pool(out) if attn.dvs else out
+
+    if attn.attention_mode == "SDT":
+        summed, kv_spikes = seen["talking_heads_lif"]
+        q, k, v = spikes("q_lif"), spikes("k_lif"), spikes("v_lif")
+        return sdt_counts(q, k, v, summed, kv_spikes, attn.num_heads)
+    return dvs_gate_counts(seen["attn_lif"][1], spikes("shortcut_lif"))
 
 
 class SpikingMLP(nn.Module):
@@ -240,7 +293,7 @@ class EncoderBlock(nn.Module):
         return x + drop_path_per_sample(self.mlp(x), self.drop_path, self.training)
 
 
-class SpikeDrivenTransformer(nn.Module):
+class SpikeDrivenTransformer(SpikingModel):
     """Spike-driven Transformer v1 backbone with STAtten (or SDT) attention and a linear head.
 
     Takes images ``[B, C, H, W]`` (repeated over ``T`` steps, direct encoding) or event frames
@@ -252,6 +305,8 @@ class SpikeDrivenTransformer(nn.Module):
     as 1-byte tensors for backward: bit-identical outputs and gradients, about a quarter of what
     is stored for backward (docs/performance.md).
     """
+
+    family_name = "sdt"
 
     def __init__(
         self,
@@ -273,15 +328,14 @@ class SpikeDrivenTransformer(nn.Module):
         memory_efficient: bool = False,
     ) -> None:
         super().__init__()
-        _check_config(embed_dims, num_heads, T, chunk_size, attention_mode)
-        check_spike_mode(spike_mode)
+        check_config(locals())
         self.img_size = img_size
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.embed_dims = self.num_features = embed_dims
         self.T = T
-        self.TET = TET
-        self.dvs_mode = dvs_mode
+        self.TET = self.per_step_logits = TET
+        self.dvs_mode = self.event_input = dvs_mode
         self.patch_embed = SpikingPatchEmbed(in_channels, embed_dims, pooling_stat)
         drop_rates = torch.linspace(0, drop_path_rate, depths, device="cpu").tolist()
         self.block = nn.ModuleList(
@@ -302,51 +356,6 @@ class SpikeDrivenTransformer(nn.Module):
         self.apply(_init_weights)
         self.memory_efficient = memory_efficient
 
-    @property
-    def memory_efficient(self) -> bool:
-        """Fused LIF layers and 1-byte spikes for backward (see the class docstring)."""
-        return self._memory_efficient
-
-    @memory_efficient.setter
-    def memory_efficient(self, enabled: bool) -> None:
-        self._memory_efficient = bool(enabled)
-        for module in self.modules():
-            if isinstance(module, LIF):
-                module.fused = self._memory_efficient
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head (timm convention), e.g. for fine-tuning or linear probing."""
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.embed_dims, num_classes) if num_classes > 0 else nn.Identity()
-
-    def time_major(self, x: torch.Tensor) -> torch.Tensor:
-        """Check the input and lay it out as ``[T, B, C, H, W]``."""
-        if x.dim() == 4:
-            channels = x.shape[1]
-        elif x.dim() == 5:
-            channels = x.shape[2]
-            if x.shape[1] != self.T:
-                raise ValueError(
-                    f"event input has {x.shape[1]} time steps (shape {tuple(x.shape)}), "
-                    f"but the model was built with T={self.T}"
-                )
-        else:
-            raise ValueError(
-                f"expected images [B, C, H, W] or event frames [B, T, C, H, W], got a "
-                f"{x.dim()}-D input of shape {tuple(x.shape)}"
-            )
-        if channels != self.in_channels:
-            raise ValueError(
-                f"input has {channels} channels (shape {tuple(x.shape)}), "
-                f"but the model expects in_channels={self.in_channels}"
-            )
-        if x.dim() == 4:
-            return x.unsqueeze(0).expand(self.T, *x.shape)
-        return x.transpose(0, 1)
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``[T, B, C, H, W]`` input -> token-averaged features ``[T, B, embed_dims]``."""
         x = self.patch_embed(x)
@@ -361,21 +370,17 @@ class SpikeDrivenTransformer(nn.Module):
         x = self.head(x)
         return x if self.TET else x.mean(0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        compact = self.memory_efficient and torch.is_grad_enabled()
-        with spike_storage(compact and not torch.compiler.is_compiling()):
-            return self.forward_head(self.forward_features(self.time_major(x)))
 
-
-def _check_config(
-    embed_dims: int, num_heads: int, T: int, chunk_size: int, attention_mode: str
-) -> None:
+def check_config(args: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` for constructor arguments that do not make a model."""
+    attention_mode, T, chunk_size = args["attention_mode"], args["T"], args["chunk_size"]
     if attention_mode not in ATTENTION_MODES:
         raise ValueError(
             f"unknown attention_mode {attention_mode!r}; expected one of {ATTENTION_MODES}"
         )
     if not isinstance(T, int) or T < 1:
         raise ValueError(f"T must be a positive integer, got {T!r}")
+    embed_dims, num_heads = args["embed_dims"], args["num_heads"]
     if num_heads < 1 or embed_dims % num_heads:
         raise ValueError(f"embed_dims={embed_dims} is not divisible by num_heads={num_heads}")
     if attention_mode == "STAtten" and (
@@ -385,6 +390,8 @@ def _check_config(
             f"T={T} is not divisible by chunk_size={chunk_size}: STAtten attends within blocks "
             "of chunk_size consecutive time steps"
         )
+    check_pooling_stat(args["pooling_stat"])
+    check_spike_mode(args["spike_mode"])
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -399,7 +406,6 @@ def _init_weights(module: nn.Module) -> None:
 
 
 UNUSED_REFERENCE_KEYS = (".attn.talking_heads.weight",)
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 def checkpoint_filter_fn(
@@ -410,13 +416,11 @@ def checkpoint_filter_fn(
     Strips ``module.`` / ``_orig_mod.`` prefixes and drops the reference's never-used
     ``block.{i}.attn.talking_heads.weight``.
     """
-    out = {}
-    for key, value in state_dict.items():
-        while key.startswith(WRAPPER_PREFIXES):
-            key = key.split(".", 1)[1]
-        if not key.endswith(UNUSED_REFERENCE_KEYS):
-            out[key] = value
-    return out
+    return {
+        clean_module_name(key): value
+        for key, value in state_dict.items()
+        if not key.endswith(UNUSED_REFERENCE_KEYS)
+    }
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
@@ -453,4 +457,55 @@ def sdt(pretrained: bool = False, **kwargs: Any) -> SpikeDrivenTransformer:
     return _create("sdt", pretrained, **kwargs)
 
 
-MODEL_FACTORIES: dict[str, Callable[..., SpikeDrivenTransformer]] = {"sdt": sdt}
+# Datasets of event frames for which the reference's train.py switched the model to dvs_mode.
+REFERENCE_EVENT_DATASETS = ("cifar10-dvs", "ncaltech101")
+
+
+def reference_kwargs(args: Mapping[str, Any]) -> dict[str, Any]:
+    """Model keyword arguments equivalent to what the reference's train.py built from ``args``.
+
+    The reference ignored ``--attention_mode`` (it always trained STAtten) and set ``dvs_mode``
+    from the dataset name; both are reproduced so its checkpoints evaluate as they were trained.
+    """
+    return {
+        "img_size": int(args["img_size"]),
+        "in_channels": int(args.get("in_channels", 3)),
+        "num_classes": int(args["num_classes"]),
+        "embed_dims": int(args["dim"]),
+        "num_heads": int(args["num_heads"]),
+        "depths": int(args["layer"]),
+        "mlp_ratio": float(args.get("mlp_ratio", 4.0)),
+        "T": int(args["time_steps"]),
+        "chunk_size": int(args.get("chunk_size", 2)),
+        "pooling_stat": str(args["pooling_stat"]),
+        "attention_mode": "STAtten",
+        "spike_mode": str(args.get("spike_mode", "lif")),
+        "dvs_mode": args.get("dataset") in REFERENCE_EVENT_DATASETS,
+        "TET": bool(args.get("TET", False)),
+    }
+
+
+def _derived_kwargs(cfg: Any, event_data: bool) -> dict[str, Any]:
+    """``dvs_mode`` follows the dataset (as in the reference); ``TET`` the training flag."""
+    return {"dvs_mode": event_data, "TET": bool(cfg.TET)}
+
+
+FAMILY = register_family(
+    ModelFamily(
+        name="sdt",
+        model_class=SpikeDrivenTransformer,
+        factory=sdt,
+        attention_modes=ATTENTION_MODES,
+        check_config=check_config,
+        reference_kwargs=reference_kwargs,
+        checkpoint_filter_fn=checkpoint_filter_fn,
+        options=(
+            FamilyOption(
+                "pooling_stat",
+                "sdt: 4 bits, 1 = max-pool after that patch-embedding stage (default 0011)",
+            ),
+            FamilyOption("spike_mode", "sdt: neuron of the MLPs and the head", choices=SPIKE_MODES),
+        ),
+        derived_kwargs=_derived_kwargs,
+    )
+)

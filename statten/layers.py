@@ -1,0 +1,83 @@
+"""Building blocks shared by every model family: per-step layers, conv/linear + BN + LIF,
+attention heads, drop path.
+
+Activations are time-first, ``[T, B, ...]``. Stateless layers (convolutions, linear maps,
+BatchNorm, pooling) see time and batch folded into one axis, time-major, as in the reference code
+of every family, so that BatchNorm statistics pool time, batch and space per channel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from spikingjelly.activation_based.functional import seq_to_ann_forward
+from timm.layers import drop_path
+from torch import nn
+
+from statten.fast.storage import storing_spikes
+
+__all__ = [
+    "ATTENTION_V_THRESHOLD",
+    "conv_bn_lif",
+    "drop_path_per_sample",
+    "merge_heads",
+    "per_step",
+    "split_heads",
+]
+
+# The neuron after the attention product (``attn_lif``) fires at half the usual threshold in
+# every family that has one (SDT v1 with STAtten, Spikformer, QKFormer).
+ATTENTION_V_THRESHOLD = 0.5
+
+
+def per_step(modules: nn.Module | Iterable[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """Apply stateless layers to every time step of ``[T, B, ...]`` at once (T and B folded)."""
+    return seq_to_ann_forward(x, modules if isinstance(modules, nn.Module) else list(modules))
+
+
+def conv_bn_lif(
+    conv: nn.Module,
+    bn: nn.Module,
+    lif: nn.Module,
+    x: torch.Tensor,
+    recompute: bool = False,
+    pool: nn.MaxPool2d | None = None,
+) -> torch.Tensor:
+    """``lif(bn(conv(x)))`` with conv and BN per time step, then ``pool`` per step if given.
+
+    ``conv`` is any per-step weight layer (Conv1d/2d, or Linear on the last axis). A fused LIF
+    runs them as one layer where it can (Conv2d + BatchNorm2d); in a memory-efficient training
+    forward it also pools inside that layer, so that backward never holds the full-size spikes
+    (its forward hooks then see the pooled spikes).
+    """
+    if not getattr(lif, "fused", False):
+        spikes = lif(per_step((conv, bn), x))
+    elif pool is not None and storing_spikes():
+        return lif(x, conv_bn=(conv, bn), recompute=recompute, pool=pool)
+    else:
+        spikes = lif(x, conv_bn=(conv, bn), recompute=recompute)
+    return spikes if pool is None else per_step(pool, spikes)
+
+
+def drop_path_per_sample(x: torch.Tensor, prob: float, training: bool) -> torch.Tensor:
+    """Stochastic depth on a time-first tensor: drops whole samples (axis 1), all time steps."""
+    if prob == 0.0 or not training:
+        return x
+    return drop_path(x.transpose(0, 1), prob, training).transpose(0, 1)
+
+
+def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Channel-first tokens ``[T, B, C, N]`` -> ``[T, B, heads, N, C / heads]``.
+
+    Channel ``c`` goes to head ``c // d``, position ``c % d`` (``d = C / heads``), as in every
+    family's reference code.
+    """
+    T, B, C, N = x.shape
+    return x.view(T, B, num_heads, C // num_heads, N).transpose(-1, -2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """``[T, B, heads, N, d]`` -> channel-first tokens ``[T, B, heads * d, N]``."""
+    T, B, _, N, _ = x.shape
+    return x.transpose(-1, -2).reshape(T, B, -1, N)
