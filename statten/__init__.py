@@ -1,6 +1,6 @@
 """statten: STAtten spiking transformers (CVPR 2025) in PyTorch, faithful to the reference code.
 
-Importing statten registers its model families (``sdt``) with timm
+Importing statten registers its model families (``sdt``, ``spikformer``) with timm
 (``timm.create_model("sdt", ...)``).
 """
 
@@ -13,7 +13,7 @@ from statten.checkpoint import (
     model_config_from_checkpoint,
 )
 from statten.factory import create_model, list_models
-from statten.models import SpikeDrivenTransformer
+from statten.models import SpikeDrivenTransformer, Spikformer
 
 __version__ = "0.1.0"
 
@@ -22,6 +22,7 @@ __all__ = [
     "SpatioTemporalAttention",
     "SpikeDrivenTransformer",
     "SpikeRecorder",
+    "Spikformer",
     "create_model",
     "create_model_from_checkpoint",
     "list_models",

@@ -6,5 +6,6 @@ Each family lives in its own file (building blocks, model class, registered fact
 
 from statten.models.family import ModelFamily, family_names, get_family
 from statten.models.sdt import SpikeDrivenTransformer
+from statten.models.spikformer import Spikformer
 
-__all__ = ["ModelFamily", "SpikeDrivenTransformer", "family_names", "get_family"]
+__all__ = ["ModelFamily", "SpikeDrivenTransformer", "Spikformer", "family_names", "get_family"]
