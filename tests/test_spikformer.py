@@ -183,6 +183,23 @@ def test_statten_sums_key_values_over_the_steps_of_a_block() -> None:
     assert torch.equal(out, expected)
 
 
+def test_imagenet_variant_runs_images_and_events_through_its_grid_layout() -> None:
+    """No golden case exists for the ImageNet file: shapes, T, gradients and its 1x1 Conv2d MLP."""
+    torch.manual_seed(0)
+    model = statten.create_model(
+        "spikformer", variant="imagenet", img_size=32, embed_dims=32, num_heads=4, depths=1,
+        num_classes=5, T=2,
+    )  # fmt: skip
+    assert isinstance(model.block[0].mlp.fc1_conv, torch.nn.Conv2d)
+    assert isinstance(model.block[0].attn.q_conv, torch.nn.Conv1d)
+    assert model(torch.rand(3, 3, 32, 32)).shape == (3, 5)
+    logits = model(torch.rand(3, 2, 3, 32, 32))
+    logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    with pytest.raises(ValueError, match="model was built with T=2"):
+        model(torch.rand(3, 4, 3, 32, 32))
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

@@ -65,8 +65,10 @@ class Variant:
     ``"linear"`` (``nn.Linear`` on channels-last tokens) or ``"conv"`` (``nn.Conv1d``, kernel 1,
     on channels-first tokens) for q/k/v/proj; ``mlp_layer``: the same for the MLP, or
     ``"conv2d"`` (1x1 ``nn.Conv2d`` on the token grid); ``qkv_bias``: whether q/k/v carry a bias;
-    ``scale``: the constant of ``s * Q K^T V``; ``img_size`` and ``in_channels``: the official
-    defaults.
+    ``scale``: the constant of ``s * Q K^T V``; ``stream``: the layout of the residual stream
+    (``"tokens_last"`` ``[T, B, N, D]``, ``"tokens"`` ``[T, B, D, N]``, ``"grid"``
+    ``[T, B, D, Hg, Wg]``); ``img_size``, ``in_channels`` and ``event_input``: the official
+    input.
     """
 
     pooled_stages: tuple[int, ...]
@@ -74,8 +76,10 @@ class Variant:
     mlp_layer: str
     qkv_bias: bool
     scale: float
+    stream: str
     img_size: int
     in_channels: int
+    event_input: bool = False
 
     @property
     def patch_stride(self) -> int:
@@ -83,9 +87,9 @@ class Variant:
 
 
 VARIANTS = {
-    "cifar10": Variant((2, 3), "linear", "linear", True, 0.125, 32, 3),
-    "cifar10dvs": Variant((0, 1, 2, 3), "conv", "conv", False, 0.25, 128, 2),
-    "imagenet": Variant((0, 1, 2, 3), "conv", "conv2d", False, 0.125, 224, 3),
+    "cifar10": Variant((2, 3), "linear", "linear", True, 0.125, "tokens_last", 32, 3),
+    "cifar10dvs": Variant((0, 1, 2, 3), "conv", "conv", False, 0.25, "tokens", 128, 2, True),
+    "imagenet": Variant((0, 1, 2, 3), "conv", "conv2d", False, 0.125, "grid", 224, 3),
 }
 STAGE_SUFFIXES = ("", "1", "2", "3")
 
@@ -270,14 +274,14 @@ class Spikformer(SpikingModel):
     ) -> None:
         super().__init__()
         check_config(locals())
-        spec = VARIANTS[variant]
+        spec = self.spec = VARIANTS[variant]
         self.variant = variant
         self.img_size = spec.img_size if img_size is None else img_size
         self.in_channels = spec.in_channels if in_channels is None else in_channels
         self.num_classes = num_classes
         self.embed_dims = self.num_features = embed_dims
         self.T = T
-        self.event_input = variant == "cifar10dvs"
+        self.event_input = spec.event_input
         self.attention_mode = attention_mode
         self.patch_embed = SpikformerPatchEmbed(self.in_channels, embed_dims, spec.pooled_stages)
         drop_rates = torch.linspace(0, drop_path_rate, depths, device="cpu").tolist()
@@ -293,14 +297,14 @@ class Spikformer(SpikingModel):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``[T, B, C, H, W]`` input -> token-averaged features ``[T, B, embed_dims]``."""
-        x = self.patch_embed(x)
-        if self.variant == "cifar10":
-            x = x.flatten(-2).transpose(-1, -2)  # the CIFAR file's [T, B, N, D]
-        elif self.variant == "cifar10dvs":
-            x = x.flatten(-2)  # the DVS file's [T, B, D, N]
+        x = self.patch_embed(x)  # [T, B, D, Hg, Wg]
+        if self.spec.stream != "grid":
+            x = x.flatten(-2)
+        if self.spec.stream == "tokens_last":
+            x = x.transpose(-1, -2)
         for blk in self.block:
             x = blk(x)
-        return x.mean(2) if self.variant == "cifar10" else x.flatten(3).mean(3)
+        return x.mean(2) if self.spec.stream == "tokens_last" else x.flatten(3).mean(3)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = x.mean(0)
