@@ -20,6 +20,7 @@ from torch import nn
 
 from statten.factory import create_model
 from statten.models import get_family
+from statten.models.family import family_of_arch
 
 __all__ = [
     "CheckpointError",
@@ -127,12 +128,21 @@ def load_checkpoint(
 
 
 def _architecture(checkpoint: Mapping[str, Any]) -> str:
-    """The family a checkpoint holds: its ``arch``, else the ``model`` of official ``args``."""
+    """The family a checkpoint holds, named by its ``arch``, else by the ``model`` of official
+    ``args`` (a family name, or an official class name a family declares)."""
     if "arch" in checkpoint:
-        return str(checkpoint["arch"])
-    args = checkpoint.get("args")
-    args = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
-    return str(args.get("model", "sdt"))
+        arch = str(checkpoint["arch"])
+    else:
+        args = checkpoint.get("args")
+        args = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+        arch = str(args.get("model", "sdt"))
+    try:
+        return family_of_arch(arch).name
+    except ValueError as err:
+        raise CheckpointError(
+            f"{err}: the checkpoint does not say which statten model it holds; build the model "
+            "yourself and use load_checkpoint"
+        ) from None
 
 
 def model_config_from_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
@@ -144,17 +154,14 @@ def model_config_from_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, Any
             "the checkpoint carries no model configuration (neither statten's 'model_config' "
             "nor the official 'args'); build the model yourself and use load_checkpoint"
         )
+    family = get_family(_architecture(checkpoint))
     args = checkpoint["args"]
     args = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
     try:
-        family = get_family(_architecture(checkpoint))
         return family.reference_kwargs(args)
-    except KeyError as err:
-        raise CheckpointError(f"official checkpoint args lack {err.args[0]!r}") from None
-    except ValueError as err:
+    except (KeyError, ValueError) as err:
         raise CheckpointError(
-            f"{err}: the checkpoint does not say which statten model it holds; build the model "
-            "yourself and use load_checkpoint"
+            f"official {family.name} checkpoint args: cannot read {err}"
         ) from None
 
 

@@ -19,6 +19,7 @@ when it exists; otherwise the parser defaults apply.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import os
 import sys
@@ -192,17 +193,36 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     _flag(g, "--linear-prob", "freeze the patch embedding")
     _flag(g, "--torchscript", "script the model with TorchScript")
     for option in _family_options():
-        _add(g, f"--{option.key.replace('_', '-')}", None, option.help, type=option.type,
-             choices=option.choices)  # fmt: skip
+        names = f"--{option.key.replace('_', '-')}"
+        if option.flag:
+            g.add_argument(names, type=parse_bool, nargs="?", const=True, default=None,
+                           metavar="BOOL", help=option.help)  # fmt: skip
+        else:
+            _add(g, names, None, option.help, type=option.type, choices=option.choices)
 
 
 def _family_options() -> list[FamilyOption]:
-    """The configuration keys of every family, each once (unset: the model's own default)."""
-    options: dict[str, FamilyOption] = {}
+    """The configuration keys of every family, each once (unset: the model's own default).
+
+    A key that several families use (e.g. ``variant``) accepts the values of all of them; each
+    family checks its own when the configuration is validated.
+    """
+    by_key: dict[str, list[FamilyOption]] = {}
     for name in family_names():
         for option in get_family(name).options:
-            options.setdefault(option.key, option)
-    return list(options.values())
+            by_key.setdefault(option.key, []).append(option)
+    merged = []
+    for key, options in by_key.items():
+        choices = [c for o in options for c in (o.choices or ())]
+        merged.append(
+            dataclasses.replace(
+                options[0],
+                help="; ".join(o.help for o in options),
+                choices=tuple(dict.fromkeys(choices)) if choices else None,
+            )
+        )
+        assert all(o.flag == options[0].flag for o in options), key
+    return merged
 
 
 def _add_optimizer_args(parser: argparse.ArgumentParser) -> None:

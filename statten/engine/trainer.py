@@ -122,8 +122,10 @@ class Trainer:
         if ctx.distributed and getattr(cfg, "sync_bn", False):
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         if getattr(cfg, "linear_prob", False):  # the reference's --linear-prob
-            for name in get_family(cfg.model).linear_probe_frozen:
-                self.model.get_submodule(name).requires_grad_(False)
+            frozen = get_family(cfg.model).linear_probe_frozen
+            for name, parameter in self.model.named_parameters():
+                if name.startswith(frozen):
+                    parameter.requires_grad_(False)
         self.optimizer = create_optimizer_v2(self.model, **optimizer_kwargs(cfg))
         use_fp16 = getattr(cfg, "amp", False) and ctx.device.type == "cuda"
         use_fp16 = use_fp16 and getattr(cfg, "amp_dtype", "float16") != "bfloat16"

@@ -8,4 +8,10 @@ from statten.models.family import ModelFamily, family_names, get_family
 from statten.models.sdt import SpikeDrivenTransformer
 from statten.models.spikformer import Spikformer
 
-__all__ = ["ModelFamily", "SpikeDrivenTransformer", "Spikformer", "family_names", "get_family"]
+__all__ = [
+    "ModelFamily",
+    "SpikeDrivenTransformer",
+    "Spikformer",
+    "family_names",
+    "get_family",
+]

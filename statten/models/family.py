@@ -14,13 +14,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from timm.models import build_model_with_cfg
 from torch import nn
+
+from statten.naming import clean_module_name
 
 __all__ = [
     "COMMON_OPTIONS",
     "FamilyOption",
     "ModelFamily",
+    "build_model",
+    "check_common_config",
+    "default_cfg",
     "family_names",
+    "family_of_arch",
+    "filter_state_dict",
     "get_family",
     "register_family",
 ]
@@ -46,7 +54,7 @@ class FamilyOption:
     """A configuration key of one family (``--<key>`` and the YAML key ``<key>``).
 
     Unset (None), the constructor's default applies. ``kwarg`` is the constructor argument it
-    sets (default: the key itself).
+    sets (default: the key itself). A ``flag`` is a boolean (``--key``, ``--key false``).
     """
 
     key: str
@@ -54,6 +62,7 @@ class FamilyOption:
     type: Callable[[Any], Any] = str
     choices: tuple[Any, ...] | None = None
     kwarg: str | None = None
+    flag: bool = False
 
     @property
     def argument(self) -> str:
@@ -83,7 +92,9 @@ class ModelFamily:
       script built from the ``args`` stored in its checkpoints.
     - ``checkpoint_filter_fn(state_dict, model)``: adapts an official (or DDP / compiled) state
       dict to statten's module names, dropping parameters the official code never uses.
-    - ``linear_probe_frozen``: submodules that ``--linear-prob`` freezes.
+    - ``linear_probe_frozen``: prefixes of the parameter names that ``--linear-prob`` freezes.
+    - ``reference_archs``: other names the official checkpoints give the architecture (their
+      ``arch`` entry, or ``args.model``) besides ``name``.
     """
 
     name: str
@@ -96,6 +107,7 @@ class ModelFamily:
     options: tuple[FamilyOption, ...] = ()
     derived_kwargs: Callable[[Any, bool], dict[str, Any]] = field(default=lambda cfg, ev: {})
     linear_probe_frozen: tuple[str, ...] = ("patch_embed",)
+    reference_archs: tuple[str, ...] = ()
 
     def validate(self, kwargs: Mapping[str, Any]) -> None:
         """Raise ``ValueError`` if ``kwargs`` (constructor arguments) do not make a model."""
@@ -113,6 +125,81 @@ class ModelFamily:
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         kwargs.update(self.derived_kwargs(cfg, event_data))
         return kwargs
+
+
+def check_common_config(
+    args: Mapping[str, Any], attention_modes: tuple[str, ...], family: str
+) -> None:
+    """The checks every family's ``check_config`` starts with: a known ``attention_mode``, a
+    positive ``T``, ``num_heads`` dividing ``embed_dims``, STAtten's ``chunk_size`` dividing T."""
+    attention_mode, T, chunk_size = args["attention_mode"], args["T"], args["chunk_size"]
+    if attention_mode not in attention_modes:
+        raise ValueError(
+            f"unknown attention_mode {attention_mode!r} for {family}; "
+            f"expected one of {attention_modes}"
+        )
+    if not isinstance(T, int) or T < 1:
+        raise ValueError(f"T must be a positive integer, got {T!r}")
+    embed_dims, num_heads = args["embed_dims"], args["num_heads"]
+    if num_heads < 1 or embed_dims % num_heads:
+        raise ValueError(f"embed_dims={embed_dims} is not divisible by num_heads={num_heads}")
+    if attention_mode == "STAtten" and (
+        not isinstance(chunk_size, int) or chunk_size < 1 or T % chunk_size
+    ):
+        raise ValueError(
+            f"T={T} is not divisible by chunk_size={chunk_size}: STAtten attends within blocks "
+            "of chunk_size consecutive time steps"
+        )
+
+
+def filter_state_dict(
+    state_dict: StateDict, unused_suffixes: tuple[str, ...], unused_keys: tuple[str, ...] = ()
+) -> dict[str, torch.Tensor]:
+    """``state_dict`` without DDP / ``torch.compile`` prefixes and without the parameters an
+    official model file creates but never uses (keys ending in ``unused_suffixes``, or equal to
+    one of ``unused_keys``): the body of a family's ``checkpoint_filter_fn``."""
+    out = {}
+    for key, value in state_dict.items():
+        key = clean_module_name(key)
+        if not key.endswith(unused_suffixes) and key not in unused_keys:
+            out[key] = value
+    return out
+
+
+def default_cfg(**kwargs: Any) -> dict[str, Any]:
+    """timm's pretrained_cfg of an untrained statten model (32 px, 3 channels, 10 classes)."""
+    return {
+        "url": "",
+        "num_classes": 10,
+        "input_size": (3, 32, 32),
+        "first_conv": "patch_embed.proj_conv",
+        "classifier": "head",
+        **kwargs,
+    }
+
+
+def build_model(
+    model_cls: Callable[..., nn.Module],
+    name: str,
+    pretrained: bool,
+    checkpoint_filter_fn: Callable[..., dict[str, torch.Tensor]],
+    **kwargs: Any,
+) -> nn.Module:
+    """timm's ``build_model_with_cfg`` for a family's registered factory ``name``.
+
+    timm's generic ``in_chans`` (which timm also injects with a default) is the models'
+    ``in_channels``.
+    """
+    if "in_chans" in kwargs:
+        kwargs.setdefault("in_channels", kwargs.pop("in_chans"))
+    return build_model_with_cfg(
+        model_cls,
+        name,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        kwargs_filter=("in_chans",),
+        **kwargs,
+    )
 
 
 _FAMILIES: dict[str, ModelFamily] = {}
@@ -137,3 +224,12 @@ def get_family(name: str) -> ModelFamily:
         return _FAMILIES[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; statten provides {family_names()}") from None
+
+
+def family_of_arch(arch: str) -> ModelFamily:
+    """The family of a checkpoint whose architecture is named ``arch``: a family name, or one of
+    a family's ``reference_archs``; a ``ValueError`` naming the known ones otherwise."""
+    for family in _FAMILIES.values():
+        if arch in family.reference_archs:
+            return family
+    return get_family(arch)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 from timm.layers import trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
 from statten.analysis.ops import Counts, OpRecorder, is_spike_count, per_step_sum
@@ -28,8 +28,15 @@ from statten.layers import (
     split_heads,
 )
 from statten.models.base import SpikingModel
-from statten.models.family import FamilyOption, ModelFamily, register_family
-from statten.naming import clean_module_name
+from statten.models.family import (
+    FamilyOption,
+    ModelFamily,
+    build_model,
+    check_common_config,
+    default_cfg,
+    filter_state_dict,
+    register_family,
+)
 from statten.neurons import LIF, SPIKE_MODES, check_spike_mode, create_neuron
 
 __all__ = [
@@ -373,23 +380,7 @@ class SpikeDrivenTransformer(SpikingModel):
 
 def check_config(args: Mapping[str, Any]) -> None:
     """Raise ``ValueError`` for constructor arguments that do not make a model."""
-    attention_mode, T, chunk_size = args["attention_mode"], args["T"], args["chunk_size"]
-    if attention_mode not in ATTENTION_MODES:
-        raise ValueError(
-            f"unknown attention_mode {attention_mode!r}; expected one of {ATTENTION_MODES}"
-        )
-    if not isinstance(T, int) or T < 1:
-        raise ValueError(f"T must be a positive integer, got {T!r}")
-    embed_dims, num_heads = args["embed_dims"], args["num_heads"]
-    if num_heads < 1 or embed_dims % num_heads:
-        raise ValueError(f"embed_dims={embed_dims} is not divisible by num_heads={num_heads}")
-    if attention_mode == "STAtten" and (
-        not isinstance(chunk_size, int) or chunk_size < 1 or T % chunk_size
-    ):
-        raise ValueError(
-            f"T={T} is not divisible by chunk_size={chunk_size}: STAtten attends within blocks "
-            "of chunk_size consecutive time steps"
-        )
+    check_common_config(args, ATTENTION_MODES, "sdt")
     check_pooling_stat(args["pooling_stat"])
     check_spike_mode(args["spike_mode"])
 
@@ -416,45 +407,16 @@ def checkpoint_filter_fn(
     Strips ``module.`` / ``_orig_mod.`` prefixes and drops the reference's never-used
     ``block.{i}.attn.talking_heads.weight``.
     """
-    return {
-        clean_module_name(key): value
-        for key, value in state_dict.items()
-        if not key.endswith(UNUSED_REFERENCE_KEYS)
-    }
+    return filter_state_dict(state_dict, UNUSED_REFERENCE_KEYS)
 
 
-def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "",
-        "num_classes": 10,
-        "input_size": (3, 32, 32),
-        "first_conv": "patch_embed.proj_conv",
-        "classifier": "head",
-        **kwargs,
-    }
-
-
-default_cfgs = generate_default_cfgs({"sdt.untrained": _cfg()})
-
-
-def _create(variant: str, pretrained: bool, **kwargs: Any) -> SpikeDrivenTransformer:
-    # timm's generic ``in_chans`` is this model's ``in_channels``; timm also injects a default.
-    if "in_chans" in kwargs:
-        kwargs.setdefault("in_channels", kwargs.pop("in_chans"))
-    return build_model_with_cfg(
-        SpikeDrivenTransformer,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        kwargs_filter=("in_chans",),
-        **kwargs,
-    )
+default_cfgs = generate_default_cfgs({"sdt.untrained": default_cfg()})
 
 
 @register_model
 def sdt(pretrained: bool = False, **kwargs: Any) -> SpikeDrivenTransformer:
     """Spike-driven Transformer v1 with STAtten attention by default (reference name ``sdt``)."""
-    return _create("sdt", pretrained, **kwargs)
+    return build_model(SpikeDrivenTransformer, "sdt", pretrained, checkpoint_filter_fn, **kwargs)
 
 
 # Datasets of event frames for which the reference's train.py switched the model to dvs_mode.

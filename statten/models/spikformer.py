@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 from timm.layers import trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from statten.attention import SpatioTemporalAttention
@@ -39,8 +39,15 @@ from statten.layers import (
     split_heads,
 )
 from statten.models.base import SpikingModel
-from statten.models.family import FamilyOption, ModelFamily, register_family
-from statten.naming import clean_module_name
+from statten.models.family import (
+    FamilyOption,
+    ModelFamily,
+    build_model,
+    check_common_config,
+    default_cfg,
+    filter_state_dict,
+    register_family,
+)
 from statten.neurons import LIF
 
 __all__ = [
@@ -318,24 +325,8 @@ def check_config(args: Mapping[str, Any]) -> None:
         raise ValueError(
             f"unknown Spikformer variant {variant!r}; expected one of {list(VARIANTS)}"
         )
-    attention_mode, T, chunk_size = args["attention_mode"], args["T"], args["chunk_size"]
-    if attention_mode not in ATTENTION_MODES:
-        raise ValueError(
-            f"unknown attention_mode {attention_mode!r} for spikformer; "
-            f"expected one of {ATTENTION_MODES}"
-        )
-    if not isinstance(T, int) or T < 1:
-        raise ValueError(f"T must be a positive integer, got {T!r}")
-    if attention_mode == "STAtten" and (
-        not isinstance(chunk_size, int) or chunk_size < 1 or T % chunk_size
-    ):
-        raise ValueError(
-            f"T={T} is not divisible by chunk_size={chunk_size}: STAtten attends within blocks "
-            "of chunk_size consecutive time steps"
-        )
-    embed_dims, num_heads = args["embed_dims"], args["num_heads"]
-    if num_heads < 1 or embed_dims % num_heads:
-        raise ValueError(f"embed_dims={embed_dims} is not divisible by num_heads={num_heads}")
+    check_common_config(args, ATTENTION_MODES, "spikformer")
+    embed_dims = args["embed_dims"]
     if embed_dims % 8:
         raise ValueError(f"embed_dims={embed_dims} must be divisible by 8 (patch-embedding widths)")
     stride = VARIANTS[variant].patch_stride
@@ -373,43 +364,18 @@ def checkpoint_filter_fn(
     Strips ``module.`` / ``_orig_mod.`` prefixes and drops the never-used ``norm1``/``norm2``,
     ``pos_embed`` and ``norm`` parameters.
     """
-    out = {}
-    for key, value in state_dict.items():
-        key = clean_module_name(key)
-        if not key.endswith(UNUSED_REFERENCE_KEYS) and key not in UNUSED_REFERENCE_NAMES:
-            out[key] = value
-    return out
+    return filter_state_dict(state_dict, UNUSED_REFERENCE_KEYS, UNUSED_REFERENCE_NAMES)
 
 
-def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "",
-        "num_classes": 10,
-        "input_size": (3, 32, 32),
-        "first_conv": "patch_embed.proj_conv",
-        "classifier": "head",
-        **kwargs,
-    }
-
-
-default_cfgs = generate_default_cfgs({"spikformer.untrained": _cfg()})
+default_cfgs = generate_default_cfgs({"spikformer.untrained": default_cfg()})
 
 
 @register_model
 def spikformer(pretrained: bool = False, **kwargs: Any) -> Spikformer:
     """Spikformer (``variant`` selects the official CIFAR, CIFAR10-DVS or ImageNet network)."""
-    if "in_chans" in kwargs:  # timm's generic name; timm also injects a default
-        kwargs.setdefault("in_channels", kwargs.pop("in_chans"))
-    # ``variant`` is also build_model_with_cfg's own argument (the default_cfg name).
+    # ``variant`` is also timm's build_model_with_cfg's own argument (the default_cfg name).
     network = partial(Spikformer, variant=kwargs.pop("variant", "cifar10"))
-    return build_model_with_cfg(
-        network,
-        "spikformer",
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        kwargs_filter=("in_chans",),
-        **kwargs,
-    )
+    return build_model(network, "spikformer", pretrained, checkpoint_filter_fn, **kwargs)
 
 
 def reference_kwargs(args: Mapping[str, Any]) -> dict[str, Any]:
