@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from golden_checks import assert_eval_pass_matches, assert_train_pass_matches
 
 import statten
 from statten import bench
@@ -52,29 +53,11 @@ def golden_model(golden: dict[str, Any], **overrides: Any) -> torch.nn.Module:
 
 
 def test_eval_logits_and_firing_rates_match_the_official_code(golden: dict) -> None:
-    model = golden_model(golden).eval()
-    with torch.no_grad(), statten.SpikeRecorder(model) as recorder:
-        logits = model(golden["input"])
-    torch.testing.assert_close(logits, golden["logits_eval"], atol=1e-4, rtol=0)
-    rates = recorder.mean_firing_rates()
-    assert list(rates) == list(golden["firing_rates_eval"])  # official module paths, in order
-    for name, rate in rates.items():
-        assert abs(rate - golden["firing_rates_eval"][name]) < 1e-6, name
+    assert_eval_pass_matches(golden_model(golden), golden)
 
 
 def test_train_logits_loss_and_gradients_match_the_official_code(golden: dict) -> None:
-    model = golden_model(golden).train()
-    logits = model(golden["input"])
-    torch.testing.assert_close(logits, golden["logits_train"], atol=1e-4, rtol=0)
-    loss = F.cross_entropy(logits, golden["target"])
-    torch.testing.assert_close(loss, golden["loss_train"], atol=1e-4, rtol=0)
-    loss.backward()
-    params = dict(model.named_parameters())
-    assert set(params) == set(golden["grads"])  # the unused LayerNorms / pos_embed are dropped
-    largest = max(r.abs().max().item() for r in golden["grads"].values())
-    for name, ref in golden["grads"].items():
-        bound = 1e-3 * (ref.norm() + 1e-4 * largest)
-        assert (params[name].grad - ref).norm() <= bound, name
+    assert_train_pass_matches(golden_model(golden), golden)  # unused LayerNorms etc. dropped
 
 
 def test_memory_efficient_mode_matches_the_plain_model(golden: dict) -> None:
