@@ -120,6 +120,7 @@ def test_two_process_ddp_on_cpu_ends_with_identical_weights(tmp_path: Path, fami
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
         str(Path(__file__).parent / "ddp_worker.py"), str(tmp_path),
         *SMALL, "--model", family, "--epochs", "1", "--dist-bn", "reduce",
+        "--dim", "32", "--num-heads", "4", "--layer", "3",  # qkformer's fewest blocks: 2 + 1
         "--output", str(tmp_path), "--experiment", "ddp",
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
