@@ -138,10 +138,13 @@ def _train_step(spec: dict[str, Any], cfg: argparse.Namespace, device: torch.dev
         images = _channels_last(images)
     forward = torch.compile(model) if spec["compile"] and spec["mode"] == "fast" else model
 
+    def criterion(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(time_averaged(logits, model.per_step_logits), target)
+
     def step() -> None:
         with _autocast(spec["mode"], device):
             out = forward(images)
-            loss = F.cross_entropy(time_averaged(out, model.per_step_logits), targets)
+            loss = model.loss(out, targets, criterion)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -202,6 +205,9 @@ def _infer_step(spec: dict[str, Any], cfg: argparse.Namespace, device: torch.dev
         model = optimize_for_inference(model, compile_kernels=fused, spike_driven=fused)
         images = _channels_last(images)
     forward = torch.compile(model) if spec["compile"] and spec["mode"] == "fast" else model
+
+    def criterion(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(time_averaged(logits, model.per_step_logits), target)
 
     def step() -> None:
         with torch.inference_mode(), _autocast(spec["mode"], device):

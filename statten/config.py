@@ -198,7 +198,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
             g.add_argument(names, type=parse_bool, nargs="?", const=True, default=None,
                            metavar="BOOL", help=option.help)  # fmt: skip
         else:
-            _add(g, names, None, option.help, type=option.type, choices=option.choices)
+            _add(g, names, None, option.help, type=option.type, choices=option.choices,
+                 nargs=option.nargs)  # fmt: skip
 
 
 def _family_options() -> list[FamilyOption]:

@@ -1,6 +1,8 @@
 """Comparisons of a model with the golden vectors of an official implementation (the tolerances
-the model-family issues set: logits and loss 1e-4, gradients 1e-3 relative with a floor of 1e-4
-of the largest gradient, firing rates 1e-6 by official module path)."""
+the model-family issues set: logits and loss 1e-4, every gradient within
+``1e-3 * (|r| + 1e-4 * max |r|)`` in norm, max over the parameters, which floors the biases in
+front of a train-mode BatchNorm (true gradient 0, golden values rounding noise), firing rates 1e-6
+by official module path)."""
 
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ def assert_train_pass_matches(model: torch.nn.Module, golden: dict[str, Any]) ->
     loss.backward()
     params = dict(model.named_parameters())
     assert set(params) == set(golden["grads"])
-    largest = max(r.abs().max().item() for r in golden["grads"].values())
+    largest = max(r.norm().item() for r in golden["grads"].values())
     for name, ref in golden["grads"].items():
         bound = 1e-3 * (ref.norm() + 1e-4 * largest)
         assert (params[name].grad - ref).norm() <= bound, name

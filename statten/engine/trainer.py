@@ -266,7 +266,7 @@ class Trainer:
         if self.mixup_fn is not None:
             images, targets = self.mixup_fn(images, targets)
         with self.autocast:
-            loss = self.criterion(self.train_model(images), targets)
+            loss = self.model.loss(self.train_model(images), targets, self.criterion)
         self._check_finite(loss)
         self.optimizer.zero_grad(set_to_none=True)
         clip = getattr(self.cfg, "clip_grad", None)

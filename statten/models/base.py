@@ -8,6 +8,9 @@ A family's model class derives from :class:`SpikingModel` and defines ``forward_
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -112,6 +115,11 @@ class SpikingModel(nn.Module):
                 ):
                     pairs.append((parent, name, bn_name))
         return pairs
+
+    def loss(self, output: Any, target: torch.Tensor, criterion: Callable) -> torch.Tensor:
+        """The training loss of ``output`` (what ``forward`` returned in train mode) under
+        ``criterion``; a model with several outputs (e.g. a distillation head) combines them."""
+        return criterion(output, target)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

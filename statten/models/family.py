@@ -54,7 +54,8 @@ class FamilyOption:
     """A configuration key of one family (``--<key>`` and the YAML key ``<key>``).
 
     Unset (None), the constructor's default applies. ``kwarg`` is the constructor argument it
-    sets (default: the key itself). A ``flag`` is a boolean (``--key``, ``--key false``).
+    sets (default: the key itself). A ``flag`` is a boolean (``--key``, ``--key false``);
+    ``nargs`` makes it a list of that many values.
     """
 
     key: str
@@ -63,6 +64,7 @@ class FamilyOption:
     choices: tuple[Any, ...] | None = None
     kwarg: str | None = None
     flag: bool = False
+    nargs: int | None = None
 
     @property
     def argument(self) -> str:
@@ -84,7 +86,8 @@ class ModelFamily:
     - ``check_config(args)``: raises ``ValueError`` for constructor arguments (all of them, with
       defaults) that do not make a model; the constructor runs the same check, and
       :meth:`validate` runs it on a configuration before any work starts.
-    - ``options``: the family's own configuration keys beyond :data:`COMMON_OPTIONS`.
+    - ``common_options``: the keys of :data:`COMMON_OPTIONS` the family takes (all by default).
+    - ``options``: the family's own configuration keys.
     - ``derived_kwargs(cfg, event_data)``: constructor arguments that follow from the rest of
       the configuration (``event_data``: the dataset yields event frames); may raise
       ``ValueError`` for settings the family cannot honour.
@@ -104,6 +107,7 @@ class ModelFamily:
     check_config: Callable[[Mapping[str, Any]], None]
     reference_kwargs: Callable[[Mapping[str, Any]], dict[str, Any]]
     checkpoint_filter_fn: Callable[[StateDict, nn.Module | None], dict[str, torch.Tensor]]
+    common_options: tuple[str, ...] = tuple(COMMON_OPTIONS)
     options: tuple[FamilyOption, ...] = ()
     derived_kwargs: Callable[[Any, bool], dict[str, Any]] = field(default=lambda cfg, ev: {})
     linear_probe_frozen: tuple[str, ...] = ("patch_embed",)
@@ -120,7 +124,7 @@ class ModelFamily:
 
     def kwargs_from_config(self, cfg: Any, event_data: bool) -> dict[str, Any]:
         """Constructor arguments from a ``statten train`` configuration (unset keys left out)."""
-        kwargs = {arg: getattr(cfg, key) for key, arg in COMMON_OPTIONS.items()}
+        kwargs = {COMMON_OPTIONS[key]: getattr(cfg, key) for key in self.common_options}
         kwargs.update({o.argument: getattr(cfg, o.key) for o in self.options})
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         kwargs.update(self.derived_kwargs(cfg, event_data))
