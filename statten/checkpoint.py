@@ -9,6 +9,7 @@ is refused with :class:`CheckpointError` before anything in it runs.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import pickle
 import re
@@ -30,6 +31,8 @@ __all__ = [
     "read_checkpoint",
     "save_checkpoint",
 ]
+
+_logger = logging.getLogger("statten.checkpoint")
 
 SAFE_GLOBALS = [argparse.Namespace]
 STATE_DICT_KEYS = ("state_dict", "model", "module")
@@ -79,14 +82,19 @@ def _state_dict_of(checkpoint: Mapping[str, Any], use_ema: bool) -> Mapping[str,
     )
 
 
-def _check_fits(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool) -> None:
+def _check_fits(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool, allow_missing: bool
+) -> list[str]:
+    """Raise :class:`CheckpointError` for what does not fit; return the keys the checkpoint
+    lacks (allowed with ``allow_missing``)."""
     expected = model.state_dict()
     shapes = [
         f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
         for k, v in state_dict.items()
         if k in expected and v.shape != expected[k].shape
     ]
-    missing = sorted(set(expected) - set(state_dict)) if strict else []
+    absent = sorted(set(expected) - set(state_dict))
+    missing = absent if strict and not allow_missing else []
     unexpected = sorted(set(state_dict) - set(expected)) if strict else []
     problems = [
         f"{title} ({len(items)}): {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}"
@@ -99,6 +107,7 @@ def _check_fits(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict
     ]
     if problems:
         raise CheckpointError("checkpoint does not fit the model: " + "; ".join(problems))
+    return absent
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
@@ -108,7 +117,11 @@ def _unwrapped(model: nn.Module) -> nn.Module:
 
 
 def load_checkpoint(
-    model: nn.Module, path_or_state: PathOrState, strict: bool = True, use_ema: bool = False
+    model: nn.Module,
+    path_or_state: PathOrState,
+    strict: bool = True,
+    use_ema: bool = False,
+    allow_missing: bool = False,
 ) -> dict[str, Any]:
     """Load weights into ``model`` from a statten or official checkpoint (file or dict).
 
@@ -116,14 +129,17 @@ def load_checkpoint(
     ``use_ema``) or a bare state_dict; the model family's ``checkpoint_filter_fn`` strips
     ``module.`` / ``_orig_mod.`` prefixes and drops parameters the official code never used.
     Returns the whole checkpoint dict. Raises :class:`CheckpointError` naming the keys or shapes
-    that differ.
+    that differ; with ``allow_missing`` (and ``strict``), parameters the checkpoint lacks keep
+    their values and are logged, as when fine-tuning adds a head.
     """
     checkpoint = read_checkpoint(path_or_state)
     target = _unwrapped(model)
     family = get_family(target.family_name)
     state_dict = family.checkpoint_filter_fn(_state_dict_of(checkpoint, use_ema), target)
-    _check_fits(target, state_dict, strict)
-    target.load_state_dict(state_dict, strict=strict)
+    absent = _check_fits(target, state_dict, strict, allow_missing)
+    target.load_state_dict(state_dict, strict=strict and not allow_missing)
+    if allow_missing and absent:
+        _logger.info("the checkpoint lacks %s: kept as initialised", ", ".join(absent))
     return checkpoint
 
 

@@ -187,7 +187,13 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     _add(g, "--patch-size", None, "patch size (unused by sdt)", type=int)
     _add(g, "--gp", None, "global pooling (unused by sdt: token mean)")
     _flag(g, "--pretrained", "start from the model's pretrained weights")
-    _add(g, "--initial-checkpoint", "", "initialise the weights from this checkpoint")
+    _add(
+        g,
+        "--initial-checkpoint",
+        "",
+        "start from this checkpoint's weights (statten or official format); parameters it lacks "
+        "keep their initialisation (e.g. a kd head when fine-tuning a model trained without one)",
+    )
     _add(g, "--resume", "", "train: resume from this checkpoint; test: evaluate it")
     _flag(g, "--no-resume-opt", "with --resume, do not restore the optimizer state")
     _flag(g, "--linear-prob", "freeze the patch embedding")

@@ -121,6 +121,8 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         if ctx.distributed and getattr(cfg, "sync_bn", False):
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        if getattr(cfg, "initial_checkpoint", ""):  # as timm's and the official scripts do
+            load_checkpoint(self.model, cfg.initial_checkpoint, allow_missing=True)
         if getattr(cfg, "linear_prob", False):  # the reference's --linear-prob
             frozen = get_family(cfg.model).linear_probe_frozen
             for name, parameter in self.model.named_parameters():

@@ -7,9 +7,11 @@ Each family lives in its own file (building blocks, model class, registered fact
 from statten.models.family import ModelFamily, family_names, get_family
 from statten.models.qkformer import QKFormer
 from statten.models.sdt import SpikeDrivenTransformer
+from statten.models.sdtv2 import MetaSpikeFormer
 from statten.models.spikformer import Spikformer
 
 __all__ = [
+    "MetaSpikeFormer",
     "ModelFamily",
     "QKFormer",
     "SpikeDrivenTransformer",
