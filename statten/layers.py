@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 import torch
 from spikingjelly.activation_based.functional import seq_to_ann_forward
-from timm.layers import drop_path
+from timm.layers import drop_path, trunc_normal_
 from torch import nn
 
 from statten.fast.storage import storing_spikes
@@ -21,6 +21,7 @@ __all__ = [
     "ATTENTION_V_THRESHOLD",
     "conv_bn_lif",
     "drop_path_per_sample",
+    "init_linear_trunc_normal",
     "merge_heads",
     "per_step",
     "split_heads",
@@ -65,6 +66,16 @@ def drop_path_per_sample(x: torch.Tensor, prob: float, training: bool) -> torch.
     if prob == 0.0 or not training:
         return x
     return drop_path(x.transpose(0, 1), prob, training).transpose(0, 1)
+
+
+def init_linear_trunc_normal(module: nn.Module) -> None:
+    """The Linear initialisation of the Spikformer, QKFormer and SDT v2 reference code (for
+    ``model.apply``): weights trunc-normal(0.02) (cut at +-2), biases 0; other layers keep
+    PyTorch's defaults."""
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
 
 
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:

@@ -41,3 +41,18 @@ def assert_train_pass_matches(model: torch.nn.Module, golden: dict[str, Any]) ->
     for name, ref in golden["grads"].items():
         bound = 1e-3 * (ref.norm() + 1e-4 * largest)
         assert (params[name].grad - ref).norm() <= bound, name
+
+
+def assert_memory_efficient_matches(
+    plain: torch.nn.Module, lean: torch.nn.Module, golden: dict[str, Any], grad_rtol: float = 0.0
+) -> None:
+    """``lean`` (``memory_efficient=True``) against ``plain`` (the same weights), in train mode:
+    the same logits and BatchNorm statistics, gradients equal (or within ``grad_rtol`` in norm)."""
+    outputs = [model.train()(golden["input"]) for model in (plain, lean)]
+    assert torch.equal(*outputs)
+    for out in outputs:
+        F.cross_entropy(out, golden["target"]).backward()
+    for (name, p), q in zip(plain.named_parameters(), lean.parameters(), strict=True):
+        assert (p.grad - q.grad).norm() <= grad_rtol * p.grad.norm(), name
+    for (name, a), b in zip(plain.state_dict().items(), lean.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name

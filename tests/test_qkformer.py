@@ -10,8 +10,11 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
-from golden_checks import assert_eval_pass_matches, assert_train_pass_matches
+from golden_checks import (
+    assert_eval_pass_matches,
+    assert_memory_efficient_matches,
+    assert_train_pass_matches,
+)
 
 import statten
 from statten import bench
@@ -92,15 +95,8 @@ def test_proj_lif_per_sample_makes_a_sample_independent_of_its_batch(golden: dic
 
 
 def test_memory_efficient_mode_is_bit_identical(golden: dict) -> None:
-    plain, lean = golden_model(golden).train(), golden_model(golden, memory_efficient=True).train()
-    outputs = [model(golden["input"]) for model in (plain, lean)]
-    assert torch.equal(*outputs)
-    for out in outputs:
-        F.cross_entropy(out, golden["target"]).backward()
-    for (name, p), q in zip(plain.named_parameters(), lean.parameters(), strict=True):
-        assert torch.equal(p.grad, q.grad), name
-    for (name, a), b in zip(plain.state_dict().items(), lean.state_dict().values(), strict=True):
-        assert torch.equal(a, b), name
+    plain, lean = golden_model(golden), golden_model(golden, memory_efficient=True)
+    assert_memory_efficient_matches(plain, lean, golden)
 
 
 def test_fast_inference_changes_no_spike_of_the_golden_cases(golden: dict) -> None:

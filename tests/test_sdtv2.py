@@ -11,7 +11,11 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from golden_checks import assert_eval_pass_matches, assert_train_pass_matches
+from golden_checks import (
+    assert_eval_pass_matches,
+    assert_memory_efficient_matches,
+    assert_train_pass_matches,
+)
 
 import statten
 from statten import bench
@@ -135,13 +139,8 @@ def test_statten_with_chunk_1_is_sdsa_and_longer_chunks_attend_across_steps(gold
 
 
 def test_memory_efficient_mode_is_bit_identical(golden: dict) -> None:
-    plain, lean = golden_model(golden).train(), golden_model(golden, memory_efficient=True).train()
-    outputs = [model(golden["input"]) for model in (plain, lean)]
-    assert torch.equal(*outputs)
-    for out in outputs:
-        F.cross_entropy(out, golden["target"]).backward()
-    for (name, p), q in zip(plain.named_parameters(), lean.parameters(), strict=True):
-        assert torch.equal(p.grad, q.grad), name
+    plain, lean = golden_model(golden), golden_model(golden, memory_efficient=True)
+    assert_memory_efficient_matches(plain, lean, golden)
 
 
 def test_fast_inference_stays_close_to_the_eval_model(golden: dict) -> None:

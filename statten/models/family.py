@@ -128,6 +128,10 @@ class ModelFamily:
         kwargs.update({o.argument: getattr(cfg, o.key) for o in self.options})
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         kwargs.update(self.derived_kwargs(cfg, event_data))
+        if cfg.TET and "TET" not in inspect.signature(self.model_class).parameters:
+            raise ValueError(
+                f"{self.name} returns one logit vector per sample; TET needs per-step ones"
+            )
         return kwargs
 
 

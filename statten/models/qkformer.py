@@ -23,7 +23,6 @@ from functools import partial
 from typing import Any
 
 import torch
-from timm.layers import trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
@@ -33,6 +32,7 @@ from statten.layers import (
     ATTENTION_V_THRESHOLD,
     conv_bn_lif,
     drop_path_per_sample,
+    init_linear_trunc_normal,
     merge_heads,
     per_step,
     split_heads,
@@ -465,7 +465,7 @@ class QKFormer(SpikingModel):
             setattr(self, f"stage{stage}", nn.ModuleList(block() for _ in range(blocks)))
         self.num_stages = len(spec.embeddings)
         self.head = nn.Linear(embed_dims, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(_init_weights)
+        self.apply(init_linear_trunc_normal)
         self.memory_efficient = memory_efficient
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -508,15 +508,6 @@ def check_config(args: Mapping[str, Any]) -> None:
         raise ValueError(
             f"img_size={img_size} must be a multiple of {stride} for the {variant} variant"
         )
-
-
-def _init_weights(module: nn.Module) -> None:
-    """Official initialisation: Linear (the head) trunc-normal(0.02), bias 0; convolutions and
-    BatchNorms keep PyTorch's defaults."""
-    if isinstance(module, nn.Linear):
-        trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
 
 
 def checkpoint_filter_fn(
@@ -579,12 +570,6 @@ def reference_kwargs(args: Mapping[str, Any]) -> dict[str, Any]:
             "embed_dims": dims, "num_heads": dims // 64, "depths": 10}  # fmt: skip
 
 
-def _derived_kwargs(cfg: Any, event_data: bool) -> dict[str, Any]:
-    if cfg.TET:
-        raise ValueError("qkformer returns one logit vector per sample; TET needs per-step ones")
-    return {}
-
-
 FAMILY = register_family(
     ModelFamily(
         name="qkformer",
@@ -608,6 +593,5 @@ FAMILY = register_family(
                 flag=True,
             ),
         ),
-        derived_kwargs=_derived_kwargs,
     )
 )

@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
@@ -31,6 +30,7 @@ from statten.attention import SpatioTemporalAttention
 from statten.layers import (
     ATTENTION_V_THRESHOLD,
     drop_path_per_sample,
+    init_linear_trunc_normal,
     merge_heads,
     per_step,
     split_heads,
@@ -305,7 +305,7 @@ class MetaSpikeFormer(SpikingModel):
         self.head = nn.Linear(c3, num_classes) if num_classes > 0 else nn.Identity()
         if kd:
             self.head_kd = nn.Linear(c3, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(_init_weights)
+        self.apply(init_linear_trunc_normal)
         self.memory_efficient = memory_efficient
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -372,15 +372,6 @@ def check_config(args: Mapping[str, Any]) -> None:
         check_common_config({**args, "embed_dims": width}, ATTENTION_MODES, "sdtv2")
 
 
-def _init_weights(module: nn.Module) -> None:
-    """Official initialisation: Linear (the heads) trunc-normal(0.02), bias 0; convolutions and
-    BatchNorms keep PyTorch's defaults."""
-    if isinstance(module, nn.Linear):
-        trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-
-
 def checkpoint_filter_fn(
     state_dict: Mapping[str, torch.Tensor], model: nn.Module | None = None
 ) -> dict[str, torch.Tensor]:
@@ -428,8 +419,6 @@ def stage_widths(dim: int) -> list[int]:
 
 def _derived_kwargs(cfg: Any, event_data: bool) -> dict[str, Any]:
     """Without ``--stage-dims`` the widths follow ``--dim`` as in the official factories."""
-    if cfg.TET:
-        raise ValueError("sdtv2 returns one logit vector per sample; TET needs per-step ones")
     return {} if cfg.stage_dims is not None else {"embed_dims": stage_widths(cfg.dim)}
 
 

@@ -27,7 +27,6 @@ from functools import partial
 from typing import Any
 
 import torch
-from timm.layers import trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
@@ -36,6 +35,7 @@ from statten.layers import (
     ATTENTION_V_THRESHOLD,
     conv_bn_lif,
     drop_path_per_sample,
+    init_linear_trunc_normal,
     split_heads,
 )
 from statten.models.base import SpikingModel
@@ -299,7 +299,7 @@ class Spikformer(SpikingModel):
             for rate in drop_rates
         )
         self.head = nn.Linear(embed_dims, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(_init_weights)
+        self.apply(init_linear_trunc_normal)
         self.memory_efficient = memory_efficient
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -336,18 +336,6 @@ def check_config(args: Mapping[str, Any]) -> None:
             f"img_size={img_size} must be a multiple of {stride} for the {variant} variant "
             f"(its patch embedding halves the image {len(VARIANTS[variant].pooled_stages)} times)"
         )
-
-
-def _init_weights(module: nn.Module) -> None:
-    """Official initialisation: Linear weights N(0, 0.02) (trunc +-2), biases 0.
-
-    Convolutions (all projections of the DVS and ImageNet variants) and BatchNorms keep
-    PyTorch's defaults.
-    """
-    if isinstance(module, nn.Linear):
-        trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
 
 
 # Parameters the official files create and never use: the LayerNorms of every block, the DVS
@@ -411,12 +399,6 @@ def reference_kwargs(args: Mapping[str, Any]) -> dict[str, Any]:
             "embed_dims": 512, "num_heads": 8, "depths": 8}  # fmt: skip
 
 
-def _derived_kwargs(cfg: Any, event_data: bool) -> dict[str, Any]:
-    if cfg.TET:
-        raise ValueError("spikformer returns one logit vector per sample; TET needs per-step ones")
-    return {}
-
-
 FAMILY = register_family(
     ModelFamily(
         name="spikformer",
@@ -433,6 +415,5 @@ FAMILY = register_family(
                 choices=tuple(VARIANTS),
             ),
         ),
-        derived_kwargs=_derived_kwargs,
     )
 )
