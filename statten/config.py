@@ -37,6 +37,7 @@ __all__ = [
     "COMMANDS",
     "DEFAULT_CONFIG",
     "DVS_DATASETS",
+    "EVAL_METRICS",
     "ConfigError",
     "StrictParser",
     "build_parser",
@@ -50,6 +51,9 @@ __all__ = [
 ]
 
 COMMANDS = ("train", "test")
+# Metrics that rank checkpoints (--eval-metric, optionally prefixed "eval_"); loss-like ones rank
+# lowest first, as in timm's CheckpointSaver.
+EVAL_METRICS = ("top1", "top5", "loss")
 # Datasets of event frames: the reference's train.py/test.py switch the model to dvs_mode for these.
 DVS_DATASETS = ("cifar10-dvs", "ncaltech101")
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "conf" / "digits" / "default.yml"
@@ -522,6 +526,8 @@ def _check_values(cfg: argparse.Namespace) -> None:
             raise ConfigError(f"{key} must be >= {low}, got {value!r}")
     if cfg.dim % cfg.num_heads:
         raise ConfigError(f"dim={cfg.dim} is not divisible by num_heads={cfg.num_heads}")
+    if cfg.eval_metric.removeprefix("eval_") not in EVAL_METRICS:
+        raise ConfigError(f"unknown eval_metric {cfg.eval_metric!r}; choose one of {EVAL_METRICS}")
     family = get_family(cfg.model)
     own = {option.key for option in family.options}
     foreign = [

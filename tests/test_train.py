@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ import yaml
 from statten import list_models
 from statten.checkpoint import read_checkpoint
 from statten.cli import main
-from statten.config import parse_config
+from statten.config import ConfigError, parse_config
 from statten.engine.distributed import DistributedContext
 from statten.engine.trainer import Trainer
 
@@ -60,6 +61,23 @@ def test_default_recipe_learns_digits_on_a_short_budget(tmp_path: Path) -> None:
     checkpoint = read_checkpoint(run / "last.pth.tar")
     assert checkpoint["config"]["dataset"] == "digits"
     assert checkpoint["model_config"]["embed_dims"] == 64
+
+
+@pytest.mark.parametrize(("metric", "column", "best"), [("loss", 2, min), ("top1", 3, max)])
+def test_eval_metric_keeps_the_best_checkpoint(
+    tmp_path: Path, metric: str, column: int, best: Callable
+) -> None:
+    """Loss ranks lowest first (as timm's CheckpointSaver); accuracy highest first."""
+    run = train(tmp_path, "--epochs", "3", "--eval-metric", metric, "--checkpoint-hist", "1")
+    rows = [r.split(",") for r in (run / "summary.csv").read_text().splitlines()[1:]]
+    assert read_checkpoint(run / "model_best.pth.tar")["metric"] == best(
+        float(r[column]) for r in rows
+    )
+
+
+def test_unknown_eval_metric_is_refused_before_training() -> None:
+    with pytest.raises(ConfigError, match="unknown eval_metric 'top3'"):
+        parse_config(["--eval-metric", "top3"], "train")
 
 
 def test_resume_reproduces_an_uninterrupted_run_bit_for_bit(tmp_path: Path) -> None:

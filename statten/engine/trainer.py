@@ -217,7 +217,10 @@ class Trainer:
         """last, the best ``checkpoint_hist`` by the eval metric, model_best; drop recovery."""
         epoch = self.progress.epoch - 1  # the epoch just finished, as in summary.csv
         keep = max(int(getattr(self.cfg, "checkpoint_hist", 10)), 1)
-        ranking = sorted([*self.progress.best, (metric, epoch)], key=lambda b: -b[0])
+        lower_is_better = self._metric_name() == "loss"
+        ranking = sorted(
+            [*self.progress.best, (metric, epoch)], key=lambda b: b[0] if lower_is_better else -b[0]
+        )
         self.progress.best = ranking[:keep]
         checkpoint = self._checkpoint(metric)
         if not self.ctx.is_primary:
@@ -298,6 +301,10 @@ class Trainer:
                 "Try a lower --lr or --clip-grad."
             )
 
+    def _metric_name(self) -> str:
+        """The metric that ranks checkpoints (``--eval-metric`` without an ``eval_`` prefix)."""
+        return getattr(self.cfg, "eval_metric", "top1").removeprefix("eval_")
+
     def _lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
@@ -306,14 +313,13 @@ class Trainer:
         metrics: dict[str, float] = {}
         writer = _tensorboard(self.output_dir) if self.ctx.is_primary else None
         eval_model = self.ema.module if self.ema is not None else self.model
-        eval_metric = getattr(self.cfg, "eval_metric", "top1")
         for epoch in range(self.progress.epoch, self.num_epochs):
             train_loss = self.train_one_epoch(epoch)
             if self.ctx.distributed and getattr(self.cfg, "dist_bn", "reduce") in DIST_BN_MODES:
                 distribute_bn(self.model, self.ctx.world_size, self.cfg.dist_bn == "reduce")
             metrics = evaluate(eval_model, self.eval_loader, self.ctx, self.autocast)
             self.progress.epoch, self.progress.batch_in_epoch = epoch + 1, 0
-            self.scheduler.step(epoch + 1, metrics[eval_metric.removeprefix("eval_")])
+            self.scheduler.step(epoch + 1, metrics[self._metric_name()])
             row = {
                 "epoch": epoch,
                 "train_loss": train_loss,
@@ -332,7 +338,7 @@ class Trainer:
                     "epoch %d: train_loss %.4f eval_loss %.4f top1 %.2f top5 %.2f lr %.3g",
                     *row.values(),
                 )
-            self.save_epoch(metrics[eval_metric.removeprefix("eval_")])
+            self.save_epoch(metrics[self._metric_name()])
         if writer is not None:
             writer.close()
         return metrics
