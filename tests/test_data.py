@@ -221,3 +221,28 @@ def test_event_datasets_need_a_data_dir(dataset: str) -> None:
 def test_unknown_dataset() -> None:
     with pytest.raises(DatasetNotFoundError, match="unknown dataset 'mnist'"):
         create_datasets(Namespace(dataset="mnist"))
+
+
+@pytest.mark.parametrize(
+    ("dataset", "split", "message"),
+    [
+        ("digits", {"train_split": "trian"}, "--train-split 'trian': digits has a fixed train"),
+        ("torch/cifar10", {"train_split": "trian"}, "one of train, training"),
+        ("torch/cifar10", {"val_split": "vaildation"}, "fixed evaluation split, named one of"),
+        ("digits", {"val_split": "train"}, "--val-split 'train'"),
+    ],
+)
+def test_a_split_name_a_dataset_does_not_have_is_an_error(
+    tmp_path: Path, dataset: str, split: dict, message: str
+) -> None:
+    """timm reads any unknown name as the test split; digits ignored the name."""
+    cfg = digits_cfg(dataset=dataset, data_dir=str(tmp_path), dataset_download=False, **split)
+    with pytest.raises(DatasetNotFoundError, match=message):
+        create_datasets(cfg)
+
+
+@pytest.mark.parametrize("names", [("training", "val"), ("train", "test")])
+def test_timm_split_names_select_the_halves_of_a_fixed_split(names: tuple[str, str]) -> None:
+    train, evaluation = create_datasets(digits_cfg(train_split=names[0], val_split=names[1]))
+    default_train, default_eval = create_datasets(digits_cfg())
+    assert len(train) == len(default_train) and len(evaluation) == len(default_eval)

@@ -27,6 +27,12 @@ from statten.data.options import option
 CIFAR10_STATS: Stats = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 CIFAR100_STATS: Stats = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
 EVAL_SPLIT_NAMES = ("validation", "val")
+# Names of the two halves of a dataset with a fixed train/eval split (digits, CIFAR, the event
+# datasets): timm's names; timm itself would read any unknown name as the test set.
+FIXED_SPLIT_NAMES = {
+    True: ("train", "training"),
+    False: ("validation", "val", "valid", "eval", "evaluation", "test"),
+}
 FOLDER_LAYOUT = (
     "expected DIR/train/<class>/*.JPEG and DIR/val/<class>/*.JPEG (or DIR/validation/...), "
     "DIR being --data-dir and the split names --train-split/--val-split; for ImageNet-1k "
@@ -43,6 +49,8 @@ class DatasetSpec:
 
     ``build(cfg, data_cfg, training)`` returns the train or the eval split with its transform.
     ``stats(size)`` gives the normalisation ``(mean, std)`` for input size ``(H, W)``.
+    ``fixed_splits``: the dataset has a train and an eval half, named by
+    :data:`FIXED_SPLIT_NAMES` (otherwise the split names are folders of ``--data-dir``).
     """
 
     build: Builder
@@ -50,6 +58,7 @@ class DatasetSpec:
     in_channels: int = 3
     img_size: int | None = None
     stats: Callable[[tuple[int, int]], Stats] | None = None
+    fixed_splits: bool = True
 
 
 def _fixed(stats: Stats) -> Callable[[tuple[int, int]], Stats]:
@@ -169,7 +178,7 @@ def _event_dataset(cfg: Namespace, data_cfg: dict[str, Any], training: bool) -> 
     return build_event_dataset(option(cfg, "dataset"), cfg, data_cfg, training)
 
 
-_FOLDER = DatasetSpec(_timm_pipeline(_open_folder), img_size=224)
+_FOLDER = DatasetSpec(_timm_pipeline(_open_folder), img_size=224, fixed_splits=False)
 
 DATASETS: dict[str, DatasetSpec] = {
     "digits": DatasetSpec(
@@ -189,7 +198,7 @@ DATASETS: dict[str, DatasetSpec] = {
     ),
     "": _FOLDER,
     "folder": _FOLDER,
-    "imagenet": DatasetSpec(_FOLDER.build, num_classes=1000, img_size=224),
+    "imagenet": DatasetSpec(_FOLDER.build, num_classes=1000, img_size=224, fixed_splits=False),
     "cifar10-dvs": DatasetSpec(_event_dataset, num_classes=10, in_channels=2, img_size=64),
     "ncaltech101": DatasetSpec(_event_dataset, num_classes=101, in_channels=2, img_size=64),
 }
@@ -227,9 +236,25 @@ def data_config(cfg: Namespace, model: nn.Module | None = None) -> dict[str, Any
     return resolve_data_config(args, model=model)
 
 
+def check_split_name(cfg: Namespace, training: bool) -> None:
+    """Refuse a ``--train-split`` / ``--val-split`` that names no half of a fixed-split dataset
+    (a typo would otherwise select another split silently)."""
+    key = "train_split" if training else "val_split"
+    split, valid = option(cfg, key), FIXED_SPLIT_NAMES[training]
+    if split not in valid:
+        raise DatasetNotFoundError(
+            f"--{key.replace('_', '-')} {split!r}: {option(cfg, 'dataset')} has a fixed "
+            f"{'train' if training else 'evaluation'} split, named one of {', '.join(valid)}"
+        )
+
+
 def build_dataset(cfg: Namespace, training: bool, model: nn.Module | None = None) -> Dataset:
     """The train or eval dataset of ``cfg.dataset``, transforms attached, outputs normalised."""
-    return dataset_spec(cfg).build(cfg, data_config(cfg, model), training)
+    spec = dataset_spec(cfg)
+    if spec.fixed_splits:  # both names, so that a typo stops the run before any data is read
+        check_split_name(cfg, True)
+        check_split_name(cfg, False)
+    return spec.build(cfg, data_config(cfg, model), training)
 
 
 def create_datasets(cfg: Namespace, model: nn.Module | None = None) -> tuple[Dataset, Dataset]:
