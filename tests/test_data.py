@@ -246,3 +246,16 @@ def test_timm_split_names_select_the_halves_of_a_fixed_split(names: tuple[str, s
     train, evaluation = create_datasets(digits_cfg(train_split=names[0], val_split=names[1]))
     default_train, default_eval = create_datasets(digits_cfg())
     assert len(train) == len(default_train) and len(evaluation) == len(default_eval)
+
+
+@pytest.mark.parametrize(("size", "world"), [(7, 2), (10, 3), (2, 3)])
+def test_evaluation_ranks_share_the_split_without_repeating_a_sample(size: int, world: int) -> None:
+    """timm's ordered sampler pads the ranks with wrapped-around samples, counted twice."""
+    from statten.data.loaders import eval_sampler
+
+    dataset = torch.utils.data.TensorDataset(torch.arange(size))
+    shares = [
+        list(eval_sampler(Namespace(distributed=True, world_size=world, rank=r), dataset))
+        for r in range(world)
+    ]
+    assert sorted(i for share in shares for i in share) == list(range(size))

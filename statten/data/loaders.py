@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from timm.data import Mixup
-from timm.data.distributed_sampler import OrderedDistributedSampler, RepeatAugSampler
+from timm.data.distributed_sampler import RepeatAugSampler
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
@@ -70,12 +70,31 @@ def train_sampler(cfg: Namespace, dataset: Dataset) -> Sampler[int]:
     )
 
 
+class ShardSampler(Sampler[int]):
+    """Rank ``rank``'s contiguous share of ``range(size)``: every index once over all ranks.
+
+    Unlike timm's ``OrderedDistributedSampler``, no rank is padded with wrapped-around samples,
+    so metrics and firing rates summed over ranks count every sample exactly once (shares
+    differ by at most one sample).
+    """
+
+    def __init__(self, size: int, world_size: int, rank: int) -> None:
+        self.start = size * rank // world_size
+        self.stop = size * (rank + 1) // world_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
 def eval_sampler(cfg: Namespace, dataset: Dataset) -> Sampler[int] | None:
-    """None (sequential) on one process, else timm's ordered per-rank split."""
+    """None (sequential) on one process, else this rank's contiguous share of the split."""
     world_size, rank = _replicas(cfg)
     if world_size == 1:
         return None
-    return OrderedDistributedSampler(dataset, num_replicas=world_size, rank=rank)
+    return ShardSampler(len(dataset), world_size, rank)
 
 
 def seed_worker(worker_id: int) -> None:

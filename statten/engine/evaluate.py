@@ -54,21 +54,28 @@ def evaluate(
     metrics = {"loss": loss / count, "top1": 100 * top1 / count, "top5": 100 * top5 / count}
     metrics["samples"] = int(count)
     if record_firing_rates:
-        metrics["firing_rates"] = _firing_rates_over_ranks(recorder, ctx)
+        metrics["firing_rates"] = _firing_rates_over_ranks(recorder, ctx, model.T)
     return metrics
 
 
-def _firing_rates_over_ranks(recorder: SpikeRecorder, ctx: DistributedContext) -> dict:
-    """``{layer: [rate per time step]}`` over the samples of all ranks (each rank saw some).
+def _firing_rates_over_ranks(
+    recorder: SpikeRecorder, ctx: DistributedContext, time_steps: int
+) -> dict:
+    """``{layer: [rate per time step]}`` over the samples of all ranks, layers in module order.
 
     Spike and neuron counts are summed over the ranks before dividing, so the rates are those of
-    one process evaluating the whole split.
+    one process evaluating the whole split. Every rank reduces the same layers in the same
+    order, also a rank that saw no sample (a split smaller than the world).
     """
     spikes, neurons = recorder.spike_counts()
-    names = list(spikes)  # every rank records its layers in the same (forward) order
-    if not names:  # nothing evaluated (the eval sampler gives every rank a sample, or none)
-        return {}
-    per_step = all_reduce_sum(torch.stack([spikes[n] for n in names]).to(ctx.device), ctx)
-    counts = torch.tensor([neurons[n] for n in names], dtype=torch.float64, device=ctx.device)
-    rates = per_step / all_reduce_sum(counts, ctx)[:, None]
-    return {name: rate.tolist() for name, rate in zip(names, rates.cpu(), strict=True)}
+    names = recorder.layer_names()
+    zeros = torch.zeros(time_steps, dtype=torch.float64)
+    per_step = torch.stack([spikes.get(n, zeros).cpu() for n in names]).to(ctx.device)
+    per_step = all_reduce_sum(per_step, ctx)
+    counts = torch.tensor([neurons.get(n, 0) for n in names], dtype=torch.float64)
+    counts = all_reduce_sum(counts.to(ctx.device), ctx)
+    return {
+        name: (spikes_per_step / count).tolist()
+        for name, spikes_per_step, count in zip(names, per_step.cpu(), counts.cpu(), strict=True)
+        if count > 0  # layers that never ran (none in the families' models)
+    }
