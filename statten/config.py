@@ -299,7 +299,7 @@ def _add_augmentation_args(parser: argparse.ArgumentParser) -> None:
     _add(g, "--mixup-prob", 1.0, "probability of mixing a batch", type=float)
     _add(g, "--mixup-switch-prob", 0.5, "probability of cutmix when both are on", type=float)
     _add(g, "--mixup-mode", "batch", "mix per batch, pair or elem")
-    _add(g, "--mixup-off-epoch", 0, "turn mixup off from this epoch (0: never)", type=int)
+    _add(g, "--mixup-off-epoch", 0, "no mixup/cutmix from this epoch on (0: never)", type=int)
     _add(g, "--smoothing", 0.1, "label smoothing", type=float)
     _add(g, "--train-interpolation", "random", "resize interpolation for training")
     _flag(g, "--dvs-aug", "event data: Cutout with one 16x16 hole")

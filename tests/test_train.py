@@ -300,3 +300,19 @@ def test_linear_prob_freezes_the_patch_embedding(tmp_path: Path) -> None:
     frozen = [k for k in after if k.startswith("patch_embed.") and k.endswith("weight")]
     assert frozen and all(torch.equal(after[k], initial[k]) for k in frozen)
     assert not torch.equal(after["head.weight"], initial["head.weight"])
+
+
+def test_mixup_stops_at_mixup_off_epoch(tmp_path: Path) -> None:
+    """The reference recipes switch mixup off (CIFAR: epoch 200, DVS: 75); targets stay smoothed."""
+    cfg = parse_config([*SMALL, "--mixup", "0.5", "--mixup-off-epoch", "2"], "train")
+    trainer = Trainer(cfg, DistributedContext(0, 1, 0, torch.device("cpu")))
+    trainer.build_data()
+    enabled = []
+    for epoch in range(4):
+        trainer.switch_mixup(epoch)
+        enabled.append(trainer.mixup_fn.mixup_enabled)
+    assert enabled == [True, True, False, False]
+    images, targets = next(iter(trainer.train_loader))
+    mixed_images, soft = trainer.mixup_fn(images.clone(), targets)
+    assert torch.equal(mixed_images, images)  # not mixed
+    assert soft.max().item() == pytest.approx(0.9 + 0.1 / 10)  # smoothing 0.1 stays

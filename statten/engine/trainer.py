@@ -237,6 +237,7 @@ class Trainer:
     # -- loop ----------------------------------------------------------------------------------
     def train_one_epoch(self, epoch: int) -> float:
         self.train_model.train()
+        self.switch_mixup(epoch)
         sampler = getattr(self.train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
@@ -262,6 +263,13 @@ class Trainer:
                 self.save_recovery()
         bar.close()
         return loss_sum / max(seen, 1)
+
+    def switch_mixup(self, epoch: int) -> None:
+        """``--mixup-off-epoch N``: no mixing from epoch N on (targets stay label-smoothed), as
+        the reference scripts do through timm's ``mixup_enabled``."""
+        off_epoch = getattr(self.cfg, "mixup_off_epoch", 0)
+        if self.mixup_fn is not None and off_epoch:
+            self.mixup_fn.mixup_enabled = epoch < off_epoch
 
     def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> float:
         images = images.to(self.ctx.device, non_blocking=True)
