@@ -343,7 +343,8 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
     )
     _add(g, "--log-interval", 100, "batches between log lines", type=int)
     _add(g, "--tta", 0, "test-time augmentation factor (0: none)", type=int)
-    _flag(g, "--amp", "mixed precision (native torch autocast)")
+    _flag(g, "--amp", "mixed precision (native torch autocast; CUDA only, fp32 elsewhere)")
+    _add(g, "--amp-dtype", "float16", "autocast dtype of --amp", choices=("float16", "bfloat16"))
     _flag(g, "--apex-amp", "NVIDIA Apex mixed precision (falls back to native)")
     _flag(g, "--native-amp", "native torch mixed precision")
     _flag(g, "--channels-last", "channels_last memory layout")
@@ -526,6 +527,7 @@ def _check_values(cfg: argparse.Namespace) -> None:
             raise ConfigError(f"{key} must be >= {low}, got {value!r}")
     if cfg.dim % cfg.num_heads:
         raise ConfigError(f"dim={cfg.dim} is not divisible by num_heads={cfg.num_heads}")
+    _check_device(cfg.device)
     if cfg.eval_metric.removeprefix("eval_") not in EVAL_METRICS:
         raise ConfigError(f"unknown eval_metric {cfg.eval_metric!r}; choose one of {EVAL_METRICS}")
     family = get_family(cfg.model)
@@ -541,6 +543,16 @@ def _check_values(cfg: argparse.Namespace) -> None:
         family.validate(model_config(cfg))
     except ValueError as err:
         raise ConfigError(f"model {cfg.model}: {err}") from None
+
+
+def _check_device(device: str) -> None:
+    """Refuse a device string torch does not know, or CUDA on a machine without it."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as err:
+        raise ConfigError(f"invalid --device {device!r}: {err}") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} requested, but CUDA is not available here; use cpu")
 
 
 def parse_config(argv: Sequence[str] | None, command: str) -> argparse.Namespace:

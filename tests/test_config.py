@@ -398,3 +398,20 @@ def test_model_config_maps_flags_to_model_arguments() -> None:
         "drop_path_rate": 0.1,
     }
     assert "img_size" not in model_config(parse_config([], "train"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_cuda_without_cuda_is_refused_before_anything_runs() -> None:
+    with pytest.raises(ConfigError, match="CUDA is not available here"):
+        parse_config(["--device", "cuda"], "train")
+
+
+def test_an_unknown_device_is_refused() -> None:
+    with pytest.raises(ConfigError, match="invalid --device 'cdua'"):
+        parse_config(["--device", "cdua"], "train")
+
+
+def test_bf16_autocast_is_reachable_from_the_command_line() -> None:
+    assert parse_config(["--amp", "--amp-dtype", "bfloat16"], "train").amp_dtype == "bfloat16"
+    with pytest.raises(ConfigError, match="invalid choice"):
+        parse_config(["--amp-dtype", "int8"], "train")

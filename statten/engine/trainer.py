@@ -129,6 +129,8 @@ class Trainer:
                 if name.startswith(frozen):
                     parameter.requires_grad_(False)
         self.optimizer = create_optimizer_v2(self.model, **optimizer_kwargs(cfg))
+        if getattr(cfg, "amp", False) and ctx.device.type != "cuda":
+            _logger.warning("--amp applies on CUDA only: training on %s in fp32", ctx.device)
         use_fp16 = getattr(cfg, "amp", False) and ctx.device.type == "cuda"
         use_fp16 = use_fp16 and getattr(cfg, "amp_dtype", "float16") != "bfloat16"
         self.scaler = NativeScaler(device=ctx.device.type) if use_fp16 else None
