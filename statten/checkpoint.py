@@ -51,22 +51,50 @@ def read_checkpoint(path_or_state: PathOrState) -> dict[str, Any]:
     path = os.fspath(path_or_state)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist or is not a file")
+    _refuse_other_formats(path)
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         match = re.search(r"GLOBAL (\S+)", str(err))
-        culprit = match.group(1) if match else "an object that is not plain data"
+        if match is None:
+            raise CheckpointError(
+                f"{path} is not a PyTorch checkpoint: its bytes are neither a torch.save archive "
+                "nor a pickle"
+            ) from None
         raise CheckpointError(
-            f"refusing to load {path}: it contains a pickled {culprit}, which could run code; "
-            "statten only reads tensors, plain containers and argparse.Namespace. "
+            f"refusing to load {path}: it contains a pickled {match.group(1)}, which could run "
+            "code; statten only reads tensors, plain containers and argparse.Namespace. "
             "Nothing in the file was executed."
         ) from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
+    except Exception as err:  # truncated zip, foreign bytes: torch raises many kinds
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {type(err).__name__}: {err} (truncated or not "
+            "written by torch.save)"
+        ) from None
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a dict")
     return dict(checkpoint)
+
+
+def _refuse_other_formats(path: str) -> None:
+    """A clear :class:`CheckpointError` for files that are plainly no PyTorch checkpoint: text
+    (JSON, YAML, ...) and safetensors. torch.save writes a zip archive (or, legacy, a pickle)."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
+        return
+    if len(head) > 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 0:
+        raise CheckpointError(
+            f"{path} is a safetensors file; statten reads PyTorch checkpoints (torch.save): "
+            "load it with safetensors.torch.load_file and pass the dict to load_checkpoint"
+        )
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return  # binary: torch.load decides, and its error is reported
+    kind = "JSON" if head.lstrip().startswith((b"{", b"[")) else "text"
+    raise CheckpointError(f"{path} is a {kind} file, not a PyTorch checkpoint (torch.save)")
 
 
 def _state_dict_of(checkpoint: Mapping[str, Any], use_ema: bool) -> Mapping[str, torch.Tensor]:

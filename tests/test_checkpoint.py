@@ -98,3 +98,30 @@ def test_reference_args_map_to_what_the_reference_trained() -> None:
     assert config["attention_mode"] == "STAtten"
     assert config["dvs_mode"] is True
     assert config["T"] == args.time_steps and config["embed_dims"] == args.dim
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"hello, I am a text file\n", "is a text file, not a PyTorch checkpoint"),
+        (b'{"state_dict": {}}', "is a JSON file, not a PyTorch checkpoint"),
+        (bytes(range(7, 250)) * 4, "is not a PyTorch checkpoint: its bytes are neither"),
+        (b"\x10\x00\x00\x00\x00\x00\x00\x00{}" + b" " * 14, "is a safetensors file"),
+    ],
+)
+def test_files_that_are_no_checkpoint_are_named_as_such(
+    tmp_path: Path, content: bytes, message: str
+) -> None:
+    path = tmp_path / "model.pth"
+    path.write_bytes(content)
+    with pytest.raises(statten.CheckpointError, match=message) as error:
+        statten.load_checkpoint(statten.create_model("sdt", embed_dims=64, depths=1), path)
+    assert str(path) in str(error.value) and "pickled" not in str(error.value)
+
+
+def test_a_truncated_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    whole = (DATA / "static_statten_official_format.pth.tar").read_bytes()
+    path = tmp_path / "cut.pth.tar"
+    path.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(statten.CheckpointError, match=r"truncated or not written by torch\.save"):
+        statten.checkpoint.read_checkpoint(path)
