@@ -238,6 +238,27 @@ def test_without_a_c_compiler_the_kernels_fall_back_to_torch(
         native.library.cache_clear()
 
 
+@needs_c_compiler
+@pytest.mark.parametrize("shared", ["folder", "library"])
+def test_a_kernel_cache_others_can_write_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, shared: str
+) -> None:
+    """Loading a library another user could have replaced would run their code."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("STATTEN_CACHE", str(cache))
+    native.library.cache_clear()
+    try:
+        assert native.library() is not None  # a private cache: built and loaded
+        library = next(cache.glob("kernels-*.so"))
+        assert library.stat().st_mode & 0o022 == 0 and cache.stat().st_mode & 0o077 == 0
+        (cache if shared == "folder" else library).chmod(0o777)
+        native.library.cache_clear()
+        with pytest.warns(RuntimeWarning, match="not private to this user"):
+            assert native.library() is None
+    finally:
+        native.library.cache_clear()
+
+
 def test_spike_storage_packs_each_spike_tensor_once_as_uint8() -> None:
     store = _SpikeStore()
     spikes = (torch.randn(4, 6, 5) > 0).float()

@@ -7,7 +7,9 @@
 - ``spike_conv.c``: convolution of 0/1 spikes that adds the weights of the inputs that spiked
   instead of multiplying every input (fast inference, ``benchmarks/spike_conv.py``).
 
-The library is cached under ``$STATTEN_CACHE`` (default ``~/.cache/statten``), keyed by the
+The library is cached under ``$STATTEN_CACHE`` (default ``~/.cache/statten``; the folder and
+the library must belong to the user and be writable by nobody else, or the torch operations are
+used with a warning), keyed by the
 sources, the compiler and the CPU, so a home directory shared by different machines keeps one
 build per CPU type. Without a working C compiler :func:`library` returns None and the callers
 fall back to torch operations. Each call is a ``statten::...`` range in ``torch.profiler``
@@ -58,15 +60,27 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or next((path for path in found if path), None)
 
 
+def _check_private(path: Path) -> None:
+    """Refuse (``RuntimeError``) a cache folder or library that another user could have written:
+    loading it would run their code in this process."""
+    info = path.stat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise RuntimeError(
+            f"{path} is not private to this user (owner uid {info.st_uid}, mode "
+            f"{oct(info.st_mode & 0o777)}); set STATTEN_CACHE to a folder only you can write"
+        )
+
+
 def _build(compiler: str, target: Path) -> None:
-    """Compile the sources to ``target`` (atomically: concurrent processes may race to build it)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    """Compile the sources to ``target`` (atomically: concurrent processes may race to build it),
+    in a private temporary folder beside it."""
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
         for extra in (NATIVE_FLAGS, []):
             command = [compiler, *FLAGS, *extra, *map(str, SOURCES), "-o", str(built)]
             result = subprocess.run(command, capture_output=True, text=True, check=False)
             if result.returncode == 0:
+                built.chmod(0o755)
                 os.replace(built, target)
                 return
         raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr.strip()}")
@@ -95,9 +109,13 @@ def library() -> ctypes.CDLL | None:
         sources = [path.read_text() for path in SOURCES + HEADERS]
         identity = [*sources, compiler, version, *FLAGS, _cpu_identity()]
         key = hashlib.sha256("\0".join(identity).encode()).hexdigest()[:16]
-        path = _cache_dir() / f"kernels-{platform.machine()}-{key}.so"
+        cache = _cache_dir()
+        cache.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _check_private(cache)
+        path = cache / f"kernels-{platform.machine()}-{key}.so"
         if not path.exists():
             _build(compiler, path)
+        _check_private(path)
         return _bind(path)
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         warnings.warn(
