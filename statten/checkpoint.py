@@ -13,7 +13,8 @@ import logging
 import os
 import pickle
 import re
-from collections.abc import Mapping
+import shutil
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from statten.models.family import family_of_arch
 __all__ = [
     "CheckpointError",
     "create_model_from_checkpoint",
+    "link_checkpoint",
     "load_checkpoint",
     "model_config_from_checkpoint",
     "read_checkpoint",
@@ -223,23 +225,51 @@ def create_model_from_checkpoint(
 def save_checkpoint(checkpoint: Mapping[str, Any], path: str | os.PathLike) -> None:
     """Write ``checkpoint`` atomically: temporary file, fsync, rename, fsync of the directory.
 
-    A crash or a full disk leaves either the previous file or the new one, never a truncated file.
+    A crash or a full disk leaves either the previous file or the new one, never a truncated
+    file; a failed write raises :class:`CheckpointError` naming the file and the cause.
     """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
+
+    def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             torch.save(dict(checkpoint), f)
             f.flush()
             os.fsync(f.fileno())
+
+    _replace_atomically(os.fspath(path), write)
+
+
+def link_checkpoint(source: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Publish the saved checkpoint ``source`` also as ``path``, atomically, without serialising
+    it again: a hard link where the file system allows one, else a copy."""
+
+    def write(tmp: str) -> None:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+
+    _replace_atomically(os.fspath(path), write)
+
+
+def _replace_atomically(path: str, write: Callable[[str], None]) -> None:
+    """``write`` a temporary file beside ``path``, then rename it over ``path`` and fsync the
+    folder; on failure remove the temporary file, leave ``path`` as it was, and raise
+    :class:`CheckpointError`."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        os.makedirs(directory, exist_ok=True)
+        write(tmp)
         os.replace(tmp, path)
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as err:
+        raise CheckpointError(
+            f"cannot write checkpoint {path}: {err.strerror or err}; any previous {path} is intact"
+        ) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

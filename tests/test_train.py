@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
@@ -316,3 +317,34 @@ def test_mixup_stops_at_mixup_off_epoch(tmp_path: Path) -> None:
     mixed_images, soft = trainer.mixup_fn(images.clone(), targets)
     assert torch.equal(mixed_images, images)  # not mixed
     assert soft.max().item() == pytest.approx(0.9 + 0.1 / 10)  # smoothing 0.1 stays
+
+
+def test_a_failed_save_is_a_clear_error_and_keeps_the_previous_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Disk full in the second epoch's save: exit 2 with one line; epoch 0's files intact."""
+    real_save, calls = torch.save, []
+
+    def save(obj: object, f: object) -> None:
+        calls.append(f)
+        if len(calls) == 2:  # the second checkpoint written: epoch 1's
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(obj, f)
+
+    monkeypatch.setattr(torch, "save", save)
+    args = ["--epochs", "2", "--recovery-interval", "0", "--output", str(tmp_path)]
+    assert main(["train", *SMALL, *args, "--experiment", "full"]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "Traceback" not in err
+    run = tmp_path / "train" / "full"
+    assert read_checkpoint(run / "last.pth.tar")["progress"]["epoch"] == 1  # epoch 0's save
+    assert not list(run.glob("*.tmp-*"))
+
+
+def test_each_epoch_is_serialised_once_and_linked_as_best(tmp_path: Path) -> None:
+    run = train(tmp_path, "--epochs", "1", "--checkpoint-hist", "1")
+    last, best, kept = (run / n for n in ("last.pth.tar", "model_best.pth.tar",
+                                          "checkpoint-0.pth.tar"))  # fmt: skip
+    assert last.stat().st_ino == best.stat().st_ino == kept.stat().st_ino
+    assert last.stat().st_nlink == 3

@@ -24,7 +24,12 @@ from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad, distribute_
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from statten.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from statten.checkpoint import (
+    link_checkpoint,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
 from statten.config import config_to_dict, model_config, save_config
 from statten.data import create_loaders, data_config
 from statten.engine.distributed import DistributedContext, init_distributed, shutdown
@@ -227,11 +232,11 @@ class Trainer:
         checkpoint = self._checkpoint(metric)
         if not self.ctx.is_primary:
             return
-        save_checkpoint(checkpoint, self.output_dir / LAST)
+        save_checkpoint(checkpoint, self.output_dir / LAST)  # serialised once, then linked
         if (metric, epoch) in self.progress.best:
-            save_checkpoint(checkpoint, self.output_dir / f"checkpoint-{epoch}.pth.tar")
+            link_checkpoint(self.output_dir / LAST, self.output_dir / f"checkpoint-{epoch}.pth.tar")
             if ranking[0][1] == epoch:
-                save_checkpoint(checkpoint, self.output_dir / BEST)
+                link_checkpoint(self.output_dir / LAST, self.output_dir / BEST)
         for _, dropped in ranking[keep:]:
             (self.output_dir / f"checkpoint-{dropped}.pth.tar").unlink(missing_ok=True)
         (self.output_dir / RECOVERY).unlink(missing_ok=True)
