@@ -1,7 +1,7 @@
 """statten: STAtten spiking transformers (CVPR 2025) in PyTorch, faithful to the reference code.
 
-Importing statten registers its model families (``sdt``, ``spikformer``) with timm
-(``timm.create_model("sdt", ...)``).
+Importing statten registers its model families (``statten.list_models()``) with timm
+(``timm.create_model("sdt", ...)``); their classes are in :mod:`statten.models`.
 """
 
 from statten.analysis.recorder import SpikeRecorder
@@ -13,7 +13,7 @@ from statten.checkpoint import (
     model_config_from_checkpoint,
 )
 from statten.factory import create_model, list_models
-from statten.models import SpikeDrivenTransformer, Spikformer
+from statten.models import SpikeDrivenTransformer
 
 __version__ = "0.1.0"
 
@@ -22,7 +22,6 @@ __all__ = [
     "SpatioTemporalAttention",
     "SpikeDrivenTransformer",
     "SpikeRecorder",
-    "Spikformer",
     "create_model",
     "create_model_from_checkpoint",
     "list_models",
