@@ -528,6 +528,9 @@ def _check_values(cfg: argparse.Namespace) -> None:
     if cfg.dim % cfg.num_heads:
         raise ConfigError(f"dim={cfg.dim} is not divisible by num_heads={cfg.num_heads}")
     _check_device(cfg.device)
+    for key, folder in (("output", cfg.output), ("json", cfg.json and os.path.dirname(cfg.json))):
+        if folder:
+            _check_writable(key, folder)
     if cfg.eval_metric.removeprefix("eval_") not in EVAL_METRICS:
         raise ConfigError(f"unknown eval_metric {cfg.eval_metric!r}; choose one of {EVAL_METRICS}")
     family = get_family(cfg.model)
@@ -543,6 +546,17 @@ def _check_values(cfg: argparse.Namespace) -> None:
         family.validate(model_config(cfg))
     except ValueError as err:
         raise ConfigError(f"model {cfg.model}: {err}") from None
+
+
+def _check_writable(key: str, folder: str) -> None:
+    """Refuse an output location that cannot be written before any work starts: ``folder``
+    (created later if missing) must be a writable folder, or the nearest existing ancestor
+    must be one."""
+    path = Path(folder).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"--{key} {folder}: cannot write there ({path} is not a writable folder)")
 
 
 def _check_device(device: str) -> None:

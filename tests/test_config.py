@@ -415,3 +415,15 @@ def test_bf16_autocast_is_reachable_from_the_command_line() -> None:
     assert parse_config(["--amp", "--amp-dtype", "bfloat16"], "train").amp_dtype == "bfloat16"
     with pytest.raises(ConfigError, match="invalid choice"):
         parse_config(["--amp-dtype", "int8"], "train")
+
+
+@pytest.mark.parametrize("key", ["--output", "--json"])
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(
+    tmp_path: Path, key: str
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    target = blocker / "sub" / ("out.json" if key == "--json" else "")
+    with pytest.raises(ConfigError, match="cannot write there"):
+        parse_config([key, str(target)], "test")
+    assert parse_config([key, str(tmp_path / "new" / "out.json")], "test")  # created later
