@@ -173,15 +173,18 @@ def load_checkpoint(
     return checkpoint
 
 
+def _args(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """The official training script's ``args`` (a pickled Namespace) as a dict ({} if none)."""
+    args = checkpoint.get("args")
+    return vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+
+
 def _architecture(checkpoint: Mapping[str, Any]) -> str:
     """The family a checkpoint holds, named by its ``arch``, else by the ``model`` of official
     ``args`` (a family name, or an official class name a family declares)."""
-    if "arch" in checkpoint:
-        arch = str(checkpoint["arch"])
-    else:
-        args = checkpoint.get("args")
-        args = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
-        arch = str(args.get("model", "sdt"))
+    arch = str(
+        checkpoint["arch"] if "arch" in checkpoint else _args(checkpoint).get("model", "sdt")
+    )
     try:
         return family_of_arch(arch).name
     except ValueError as err:
@@ -201,10 +204,8 @@ def model_config_from_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, Any
             "nor the official 'args'); build the model yourself and use load_checkpoint"
         )
     family = get_family(_architecture(checkpoint))
-    args = checkpoint["args"]
-    args = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
     try:
-        return family.reference_kwargs(args)
+        return family.reference_kwargs(_args(checkpoint))
     except (KeyError, ValueError) as err:
         raise CheckpointError(
             f"official {family.name} checkpoint args: cannot read {err}"

@@ -81,7 +81,6 @@ class ModelFamily:
     - ``name``: the registry name (``statten.create_model(name, ...)``, ``--model name``).
     - ``model_class``: the model (a :class:`~statten.models.base.SpikingModel`); its
       constructor's keyword arguments are the family's model configuration.
-    - ``factory``: the timm-registered constructor.
     - ``attention_modes``: accepted ``attention_mode`` values.
     - ``check_config(args)``: raises ``ValueError`` for constructor arguments (all of them, with
       defaults) that do not make a model; the constructor runs the same check, and
@@ -102,7 +101,6 @@ class ModelFamily:
 
     name: str
     model_class: type[nn.Module]
-    factory: Callable[..., nn.Module]
     attention_modes: tuple[str, ...]
     check_config: Callable[[Mapping[str, Any]], None]
     reference_kwargs: Callable[[Mapping[str, Any]], dict[str, Any]]

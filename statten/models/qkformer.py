@@ -574,7 +574,6 @@ FAMILY = register_family(
     ModelFamily(
         name="qkformer",
         model_class=QKFormer,
-        factory=qkformer,
         attention_modes=ATTENTION_MODES,
         check_config=check_config,
         reference_kwargs=reference_kwargs,

@@ -456,7 +456,6 @@ FAMILY = register_family(
     ModelFamily(
         name="sdt",
         model_class=SpikeDrivenTransformer,
-        factory=sdt,
         attention_modes=ATTENTION_MODES,
         check_config=check_config,
         reference_kwargs=reference_kwargs,

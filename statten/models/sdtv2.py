@@ -426,7 +426,6 @@ FAMILY = register_family(
     ModelFamily(
         name="sdtv2",
         model_class=MetaSpikeFormer,
-        factory=sdtv2,
         attention_modes=ATTENTION_MODES,
         check_config=check_config,
         reference_kwargs=reference_kwargs,

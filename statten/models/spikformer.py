@@ -403,7 +403,6 @@ FAMILY = register_family(
     ModelFamily(
         name="spikformer",
         model_class=Spikformer,
-        factory=spikformer,
         attention_modes=ATTENTION_MODES,
         check_config=check_config,
         reference_kwargs=reference_kwargs,
