@@ -25,6 +25,7 @@ from statten.models import get_family
 from statten.models.family import family_of_arch
 
 __all__ = [
+    "CHECKPOINT_FORMAT",
     "CheckpointError",
     "create_model_from_checkpoint",
     "link_checkpoint",
@@ -32,10 +33,13 @@ __all__ = [
     "model_config_from_checkpoint",
     "read_checkpoint",
     "save_checkpoint",
+    "stored_config",
 ]
 
 _logger = logging.getLogger("statten.checkpoint")
 
+# The "format" of checkpoints statten train writes (they carry the full run configuration).
+CHECKPOINT_FORMAT = "statten-1"
 SAFE_GLOBALS = [argparse.Namespace]
 STATE_DICT_KEYS = ("state_dict", "model", "module")
 
@@ -44,6 +48,12 @@ PathOrState = str | os.PathLike | Mapping[str, Any]
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read, is unsafe, or does not fit the model."""
+
+
+def stored_config(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The training configuration a statten checkpoint stores (None for other formats)."""
+    checkpoint = read_checkpoint(path)
+    return checkpoint.get("config") if checkpoint.get("format") == CHECKPOINT_FORMAT else None
 
 
 def read_checkpoint(path_or_state: PathOrState) -> dict[str, Any]:

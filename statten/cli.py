@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from statten.checkpoint import CheckpointError
-from statten.config import ConfigError, parse_config
+from statten.config import ConfigError, resolve_config
 from statten.data import DatasetNotFoundError
 from statten.engine.trainer import TrainingError
 
@@ -22,14 +22,14 @@ USER_ERRORS = (ConfigError, CheckpointError, DatasetNotFoundError, TrainingError
 def _train(argv: Sequence[str]) -> Any:
     from statten.engine.trainer import train
 
-    return train(parse_config(argv, "train"))
+    return train(resolve_config(argv, "train"))
 
 
 def _test(argv: Sequence[str]) -> Any:
-    from statten.engine.tester import resolve_test_config, test
+    from statten.engine.tester import test
     from statten.engine.trainer import dry_run
 
-    cfg = resolve_test_config(argv)
+    cfg = resolve_config(argv, "test")
     return dry_run(cfg) if cfg.dry_run else test(cfg)
 
 

@@ -30,6 +30,7 @@ from typing import Any, NoReturn
 import torch
 import yaml
 
+from statten.checkpoint import stored_config
 from statten.models import family_names, get_family
 from statten.models.family import FamilyOption
 
@@ -43,11 +44,12 @@ __all__ = [
     "build_parser",
     "config_from_dict",
     "config_to_dict",
-    "explicit_options",
     "model_config",
     "parse_bool",
     "parse_config",
+    "resolve_config",
     "save_config",
+    "typed_options",
 ]
 
 COMMANDS = ("train", "test")
@@ -57,6 +59,8 @@ EVAL_METRICS = ("top1", "top5", "loss")
 # Datasets of event frames: the reference's train.py/test.py switch the model to dvs_mode for these.
 DVS_DATASETS = ("cifar10-dvs", "ncaltech101")
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "conf" / "digits" / "default.yml"
+# Settings of the machine a command runs on, not of the run: never read from a checkpoint.
+MACHINE_SETTINGS = ("device", "local_rank")
 TRUE_WORDS = frozenset({"1", "true", "t", "yes", "y", "on"})
 FALSE_WORDS = frozenset({"0", "false", "f", "no", "n", "off"})
 TYPE_NAMES = {int: "an integer", float: "a number", str: "a string"}
@@ -634,8 +638,33 @@ def model_config(cfg: argparse.Namespace) -> dict[str, Any]:
     return get_family(cfg.model).kwargs_from_config(cfg, cfg.dataset in DVS_DATASETS)
 
 
-def explicit_options(argv: Sequence[str], command: str) -> dict[str, Any]:
-    """The settings the user typed in ``argv`` (those that differ from the defaults)."""
-    defaults = vars(parse_config([], command))
-    typed = vars(parse_config(argv, command))
-    return {key: value for key, value in typed.items() if value != defaults.get(key)}
+def typed_options(argv: Sequence[str], command: str) -> dict[str, Any]:
+    """The settings typed in ``argv``, found by what was typed, not by comparing values: a flag
+    typed with its default value counts as typed."""
+    parser = build_parser(command)
+    for action in _actions(parser):
+        action.default = argparse.SUPPRESS
+    typed, _ = parser.parse_known_args(_normalize_argv(argv))
+    return vars(typed)
+
+
+def resolve_config(argv: Sequence[str] | None, command: str) -> argparse.Namespace:
+    """The settings of ``statten train`` / ``statten test``.
+
+    Normally :func:`parse_config`. With ``--resume`` of a statten checkpoint and no ``-c``, the
+    configuration stored in the checkpoint takes the place of the recipe, so a resumed run
+    continues the same run and a test evaluates what was trained; typed flags still override it.
+    The machine's own settings (device, local rank) are never taken from the checkpoint.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg = parse_config(argv, command)
+    if not cfg.resume or cfg.config is not None:
+        return cfg
+    stored = stored_config(cfg.resume)
+    if stored is None:
+        return cfg
+    run_settings = {k: v for k, v in stored.items() if k not in MACHINE_SETTINGS}
+    try:
+        return config_from_dict({**run_settings, **typed_options(argv, command)}, command)
+    except ConfigError as err:
+        raise ConfigError(f"configuration stored in {cfg.resume}: {err}") from None

@@ -12,6 +12,7 @@ import yaml
 
 import statten
 from statten import config as config_module
+from statten.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
 from statten.config import (
     ConfigError,
     build_parser,
@@ -19,7 +20,9 @@ from statten.config import (
     config_to_dict,
     model_config,
     parse_config,
+    resolve_config,
     save_config,
+    typed_options,
 )
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -427,3 +430,55 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(
     with pytest.raises(ConfigError, match="cannot write there"):
         parse_config([key, str(target)], "test")
     assert parse_config([key, str(tmp_path / "new" / "out.json")], "test")  # created later
+
+
+def _statten_checkpoint(path: Path, **settings: object) -> str:
+    """A checkpoint file of statten's format whose stored run configuration has ``settings``."""
+    stored = config_to_dict(config_from_dict({"device": "cpu", **settings}, "train"))
+    save_checkpoint({"format": CHECKPOINT_FORMAT, "config": stored}, path)
+    return str(path)
+
+
+def test_a_typed_flag_equal_to_its_default_overrides_the_checkpoint(tmp_path: Path) -> None:
+    """`statten test --resume C --dataset digits` evaluates on digits even though digits is the
+    default: typed flags are found by what was typed, not by comparing values."""
+    checkpoint = _statten_checkpoint(
+        tmp_path / "c.pth.tar", dataset="torch/cifar10", smoothing=0.2, seed=7
+    )
+    argv = ["--resume", checkpoint, "--dataset", "digits", "--smoothing", "0.1"]
+    cfg = resolve_config(argv, "test")
+    assert (cfg.dataset, cfg.smoothing, cfg.seed) == ("digits", 0.1, 7)
+    assert typed_options(argv, "test") == {
+        "resume": checkpoint, "dataset": "digits", "smoothing": 0.1
+    }  # fmt: skip
+
+
+def test_train_resume_continues_with_the_stored_configuration(tmp_path: Path) -> None:
+    checkpoint = _statten_checkpoint(tmp_path / "c.pth.tar", batch_size=64, lr=0.5, epochs=3)
+    cfg = resolve_config(["--resume", checkpoint, "--epochs", "5"], "train")
+    assert (cfg.batch_size, cfg.lr, cfg.epochs, cfg.resume) == (64, 0.5, 5, checkpoint)
+
+
+def test_the_machine_settings_are_not_taken_from_a_checkpoint(tmp_path: Path) -> None:
+    checkpoint = _statten_checkpoint(tmp_path / "c.pth.tar", local_rank=3)
+    stored = torch.load(checkpoint, weights_only=True)
+    stored["config"]["device"] = "cuda:7"
+    save_checkpoint(stored, checkpoint)
+    cfg = resolve_config(["--resume", checkpoint], "test")
+    assert (cfg.device, cfg.local_rank) == (build_parser("test").get_default("device"), 0)
+
+
+def test_a_config_file_replaces_the_stored_configuration(tmp_path: Path) -> None:
+    checkpoint = _statten_checkpoint(tmp_path / "c.pth.tar", batch_size=64)
+    recipe = tmp_path / "r.yml"
+    recipe.write_text("batch_size: 8\n")
+    assert resolve_config(["--resume", checkpoint, "-c", str(recipe)], "train").batch_size == 8
+
+
+def test_a_stale_stored_configuration_names_the_checkpoint(tmp_path: Path) -> None:
+    checkpoint = _statten_checkpoint(tmp_path / "c.pth.tar")
+    stored = torch.load(checkpoint, weights_only=True)
+    stored["config"]["retired_option"] = 1
+    save_checkpoint(stored, checkpoint)
+    with pytest.raises(ConfigError, match=f"stored in {checkpoint}: unknown key 'retired_option'"):
+        resolve_config(["--resume", checkpoint], "test")

@@ -348,3 +348,13 @@ def test_each_epoch_is_serialised_once_and_linked_as_best(tmp_path: Path) -> Non
                                           "checkpoint-0.pth.tar"))  # fmt: skip
     assert last.stat().st_ino == best.stat().st_ino == kept.stat().st_ino
     assert last.stat().st_nlink == 3
+
+
+def test_train_resume_needs_only_the_checkpoint(tmp_path: Path) -> None:
+    """A resumed run continues with the configuration it was started with (not the recipe's)."""
+    run = train(tmp_path, "--epochs", "1", "--smoothing", "0.2")
+    resume = ["--resume", str(run / "last.pth.tar"), "--epochs", "2", "--device", "cpu"]
+    assert main(["train", *resume]) == 0
+    final = read_checkpoint(run / "last.pth.tar")
+    assert final["progress"]["epoch"] == 2
+    assert (final["config"]["smoothing"], final["config"]["batch_size"]) == (0.2, 64)

@@ -24,11 +24,11 @@ from torch import nn
 from statten.analysis.energy import E_AC_PJ, E_MAC_PJ, EnergyModel
 from statten.analysis.ops import LayerOps, OpRecorder
 from statten.checkpoint import model_config_from_checkpoint, read_checkpoint
-from statten.config import ConfigError, StrictParser, model_config
+from statten.config import ConfigError, StrictParser, model_config, resolve_config
 from statten.data import create_eval_loader
 from statten.engine.distributed import DistributedContext, init_distributed, shutdown
 from statten.engine.evaluate import evaluate
-from statten.engine.tester import load_checkpoint_model, resolve_test_config
+from statten.engine.tester import load_checkpoint_model
 from statten.engine.trainer import autocast_for, with_process_placement
 from statten.factory import create_model
 
@@ -277,7 +277,7 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
     """``statten profile [options]``: print the report; write ``--json`` and ``--plot`` files."""
     options, rest = profile_parser().parse_known_args(list(argv))
     energy = _energy_model(options)
-    cfg = resolve_test_config(rest)
+    cfg = resolve_config(rest, "test")
     report = run(cfg, options.batches, energy)
     print(format_report(report))
     if cfg.json:

@@ -5,36 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from statten.checkpoint import create_model_from_checkpoint, read_checkpoint
-from statten.config import ConfigError, config_from_dict, explicit_options, parse_config
+from statten.config import ConfigError
 from statten.data import create_eval_loader
 from statten.engine.distributed import init_distributed, shutdown
 from statten.engine.evaluate import evaluate
-from statten.engine.trainer import autocast_for, checkpoint_config, with_process_placement
+from statten.engine.trainer import autocast_for, with_process_placement
 from statten.fast import optimize_for_inference
 
 _logger = logging.getLogger("statten.test")
-
-
-def resolve_test_config(argv: Sequence[str]) -> argparse.Namespace:
-    """``statten test``'s settings: a statten checkpoint's stored config under the typed flags.
-
-    Without ``-c``, ``--resume`` of a statten checkpoint needs no other option; flags the user
-    types still override the stored values.
-    """
-    cfg = parse_config(argv, "test")
-    if cfg.resume and not getattr(cfg, "config", None):
-        stored = checkpoint_config(cfg.resume)
-        if stored is not None:
-            given = explicit_options(argv, "test")
-            cfg = config_from_dict({**stored, **given, "resume": cfg.resume}, "test")
-    return cfg
 
 
 def load_checkpoint_model(checkpoint: dict[str, Any], cfg: argparse.Namespace) -> nn.Module:
@@ -80,4 +64,4 @@ def _report(metrics: dict[str, Any]) -> None:
         print(f"  {name:<{width}}  " + " ".join(f"{r:.3f}" for r in rates))
 
 
-__all__ = ["load_checkpoint_model", "resolve_test_config", "test"]
+__all__ = ["load_checkpoint_model", "test"]

@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from statten.checkpoint import (
+    CHECKPOINT_FORMAT,
     link_checkpoint,
     load_checkpoint,
     read_checkpoint,
@@ -40,7 +41,6 @@ from statten.models import get_family
 
 _logger = logging.getLogger("statten.train")
 
-CHECKPOINT_FORMAT = "statten-1"
 LAST = "last.pth.tar"
 BEST = "model_best.pth.tar"
 RECOVERY = "recovery.pth.tar"
@@ -490,18 +490,10 @@ def _remove_stale_temporaries(output_dir: Path) -> None:
         stale.unlink(missing_ok=True)
 
 
-def checkpoint_config(path: str) -> dict[str, Any] | None:
-    """The full training configuration stored in a statten checkpoint (None for other formats)."""
-    checkpoint = read_checkpoint(path)
-    return checkpoint.get("config") if checkpoint.get("format") == CHECKPOINT_FORMAT else None
-
-
 __all__ = [
-    "CHECKPOINT_FORMAT",
     "Trainer",
     "TrainingError",
     "autocast_for",
-    "checkpoint_config",
     "dry_run",
     "run_training",
     "train",
