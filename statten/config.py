@@ -12,8 +12,10 @@ What differs from the reference (SPEC section 9):
 - values are checked (ranges, ``time_steps`` divisible by ``chunk_size`` for STAtten, ...);
 - ``--drop-path`` defaults to 0 (the reference's 0.2 was never applied) and really applies.
 
-Without ``-c``, the project's digits recipe (``conf/digits/default.yml``) supplies the defaults
-when it exists; otherwise the parser defaults apply.
+Without ``-c``, the project's digits recipe (``conf/digits/default.yml``) supplies the defaults.
+The recipes ship in a wheel as ``statten/conf/``, and ``-c conf/<family>/<recipe>.yml`` finds them
+from any folder. If the digits recipe is missing (a broken install), the parser defaults apply
+with a warning.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import logging
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -58,7 +61,12 @@ COMMANDS = ("train", "test")
 EVAL_METRICS = ("top1", "top5", "loss")
 # Datasets of event frames: the reference's train.py/test.py switch the model to dvs_mode for these.
 DVS_DATASETS = ("cifar10-dvs", "ncaltech101")
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "conf" / "digits" / "default.yml"
+_PACKAGE = Path(__file__).resolve().parent
+# The recipes, conf/<family>/*.yml: package data statten/conf/ in a wheel install, else the
+# checkout's conf/ (source tree, editable install). See _recipe_path for -c conf/...
+RECIPES_DIR = _PACKAGE / "conf" if (_PACKAGE / "conf").is_dir() else _PACKAGE.parent / "conf"
+DEFAULT_CONFIG = RECIPES_DIR / "digits" / "default.yml"
+_logger = logging.getLogger("statten.config")
 # Settings of the machine a command runs on, not of the run: never read from a checkpoint.
 MACHINE_SETTINGS = ("device", "local_rank")
 TRUE_WORDS = frozenset({"1", "true", "t", "yes", "y", "on"})
@@ -505,13 +513,37 @@ def _normalize_argv(argv: Sequence[str]) -> list[str]:
 
 
 def _config_file(argv: Sequence[str]) -> Path | None:
-    """The YAML file named by -c/--config in ``argv``, else the digits recipe if it exists."""
+    """The YAML file named by -c/--config in ``argv`` (:func:`_recipe_path`), else the digits
+    recipe; None, with a warning, when that is missing (a broken install)."""
     pre = StrictParser(add_help=False, allow_abbrev=False)
     pre.add_argument("-c", "--config", default=None)
     given, _ = pre.parse_known_args(argv)
     if given.config is not None:
-        return Path(given.config)
-    return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
+        return _recipe_path(given.config)
+    if DEFAULT_CONFIG.is_file():
+        return DEFAULT_CONFIG
+    _logger.warning(
+        "the default recipe %s is missing (a broken install?): the parser defaults apply "
+        "(SGD, 200 epochs, 1000 classes); reinstall statten or give a recipe with -c",
+        DEFAULT_CONFIG,
+    )
+    return None
+
+
+def _recipe_path(name: str) -> Path:
+    """The file of ``-c name``: ``name`` itself when it exists; else, for ``conf/...``, the
+    recipe of that name shipped with statten (in :data:`RECIPES_DIR`), so that the README's
+    ``-c conf/<family>/<recipe>.yml`` works in any folder and in a wheel install."""
+    path = Path(name)
+    if path.exists() or path.is_absolute() or path.parts[:1] != ("conf",):
+        return path  # a missing file is reported by _read_yaml
+    shipped = RECIPES_DIR.joinpath(*path.parts[1:]).resolve()
+    if shipped.is_file() and shipped.is_relative_to(RECIPES_DIR.resolve()):
+        return shipped
+    raise ConfigError(
+        f"config file {name} does not exist, neither here nor among statten's recipes "
+        f"({RECIPES_DIR})"
+    )
 
 
 def _unknown_argument_error(extras: Sequence[str], parser: argparse.ArgumentParser) -> ConfigError:
