@@ -32,6 +32,8 @@ from typing import Any, NoReturn
 
 import torch
 import yaml
+from timm.optim import create_optimizer_v2, optimizer_kwargs
+from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
 from statten.checkpoint import stored_config
 from statten.models import family_names, get_family
@@ -83,8 +85,33 @@ MINIMUMS = {
     "dim": 1,
     "num_heads": 1,
     "layer": 1,
+    "mlp_ratio": 1,
+    "in_channels": 1,
+    "num_classes": 1,
     "workers": 0,
+    "momentum": 0,
+    "weight_decay": 0,
+    "clip_grad": 0,
+    "warmup_lr": 0,
+    "min_lr": 0,
+    "warmup_epochs": 0,
+    "cooldown_epochs": 0,
+    "epoch_repeats": 0,
+    "decay_epochs": 0,
+    "aug_repeats": 0,
+    "mixup": 0,
+    "cutmix": 0,
+    "recount": 0,
+    "bn_eps": 0,
+    "checkpoint_hist": 1,
+    "recovery_interval": 0,
+    "log_interval": 1,
+    "tta": 0,
 }
+# Probabilities and rates: from 0 to 1, and below 1 where 1 would drop or smooth away everything.
+FRACTIONS = ("hflip", "vflip", "reprob", "mixup_prob", "mixup_switch_prob", "TET_lamb",
+             "model_ema_decay", "bn_momentum")  # fmt: skip
+BELOW_ONE = ("drop_path", "drop", "drop_block", "smoothing")
 
 
 class ConfigError(ValueError):
@@ -256,7 +283,7 @@ def _add_optimizer_args(parser: argparse.ArgumentParser) -> None:
     _add(g, "--momentum", 0.9, "SGD momentum", type=float)
     _add(g, "--weight-decay", 1e-4, "weight decay", type=float)
     _add(g, "--clip-grad", None, "gradient clipping threshold (default: none)", type=float)
-    _add(g, "--clip-mode", "norm", "gradient clipping mode: norm, value or agc")
+    _add(g, "--clip-mode", "norm", "gradient clipping mode", choices=("norm", "value", "agc"))
 
 
 def _add_schedule_args(parser: argparse.ArgumentParser) -> None:
@@ -302,7 +329,7 @@ def _add_augmentation_args(parser: argparse.ArgumentParser) -> None:
     _flag(g, "--bce-loss", "binary cross-entropy loss")
     _add(g, "--bce-target-thresh", None, "binarise soft BCE targets at this value", type=float)
     _add(g, "--reprob", 0.0, "random-erasing probability", type=float)
-    _add(g, "--remode", "const", "random-erasing fill mode")
+    _add(g, "--remode", "const", "random-erasing fill mode", choices=("const", "rand", "pixel"))
     _add(g, "--recount", 1, "random-erasing count", type=int)
     _flag(g, "--resplit", "no random erasing on the first augmentation split")
     _add(g, "--mixup", 0.0, "mixup alpha (on if > 0)", type=float)
@@ -310,7 +337,9 @@ def _add_augmentation_args(parser: argparse.ArgumentParser) -> None:
     _add(g, "--cutmix-minmax", None, "cutmix box-area range", type=float, nargs="+")
     _add(g, "--mixup-prob", 1.0, "probability of mixing a batch", type=float)
     _add(g, "--mixup-switch-prob", 0.5, "probability of cutmix when both are on", type=float)
-    _add(g, "--mixup-mode", "batch", "mix per batch, pair or elem")
+    _add(
+        g, "--mixup-mode", "batch", "mix per batch, pair or elem", choices=("batch", "pair", "elem")
+    )
     _add(g, "--mixup-off-epoch", 0, "no mixup/cutmix from this epoch on (0: never)", type=int)
     _add(g, "--smoothing", 0.1, "label smoothing", type=float)
     _add(g, "--train-interpolation", "random", "resize interpolation for training")
@@ -324,7 +353,14 @@ def _add_norm_and_ema_args(parser: argparse.ArgumentParser) -> None:
     _add(g, "--bn-momentum", None, "BatchNorm momentum override", type=float)
     _add(g, "--bn-eps", None, "BatchNorm epsilon override", type=float)
     _flag(g, "--sync-bn", "synchronised BatchNorm across processes")
-    _add(g, "--dist-bn", "", "share BN statistics after each epoch: broadcast, reduce or ''")
+    _add(
+        g,
+        "--dist-bn",
+        "reduce",
+        "BatchNorm statistics every rank evaluates with and that are saved, after each epoch: "
+        "reduce (the ranks' mean, the reference's default) or broadcast (rank 0's; also '')",
+        choices=("reduce", "broadcast", ""),
+    )
     _flag(g, "--split-bn", "separate BatchNorm per augmentation split")
     _flag(g, "--model-ema", "track an exponential moving average of the weights")
     _flag(g, "--model-ema-force-cpu", "keep the EMA on the CPU (no EMA validation)")
@@ -557,13 +593,11 @@ def _unknown_argument_error(extras: Sequence[str], parser: argparse.ArgumentPars
 
 def _check_values(cfg: argparse.Namespace) -> None:
     """Raise :class:`ConfigError` for out-of-range or inconsistent settings."""
-    for key, low in MINIMUMS.items():
-        value = getattr(cfg, key)
-        if value is None or value < low:
-            raise ConfigError(f"{key} must be >= {low}, got {value!r}")
+    _check_ranges(cfg)
     if cfg.dim % cfg.num_heads:
         raise ConfigError(f"dim={cfg.dim} is not divisible by num_heads={cfg.num_heads}")
     _check_device(cfg.device)
+    _check_timm_names(cfg)
     for key, folder in (("output", cfg.output), ("json", cfg.json and os.path.dirname(cfg.json))):
         if folder:
             _check_writable(key, folder)
@@ -582,6 +616,42 @@ def _check_values(cfg: argparse.Namespace) -> None:
         family.validate(model_config(cfg))
     except ValueError as err:
         raise ConfigError(f"model {cfg.model}: {err}") from None
+
+
+def _check_ranges(cfg: argparse.Namespace) -> None:
+    """Numeric settings within their ranges; optional ones (parser default None) may be None."""
+    optional = {a.dest for a in _actions(build_parser("train")) if a.default is None}
+
+    def check(key: str, ok: Callable[[Any], bool], allowed: str) -> None:
+        value = getattr(cfg, key)
+        if value is None and key in optional:
+            return
+        if value is None or not ok(value):
+            raise ConfigError(f"{key} must be {allowed}, got {value!r}")
+
+    for key, low in MINIMUMS.items():
+        check(key, lambda v, low=low: v >= low, f">= {low}")
+    for key in FRACTIONS:
+        check(key, lambda v: 0 <= v <= 1, "between 0 and 1")
+    for key in BELOW_ONE:
+        check(key, lambda v: 0 <= v < 1, "at least 0 and below 1")
+    check("aug_splits", lambda v: v == 0 or v >= 2, "0 (off) or >= 2")
+
+
+def _check_timm_names(cfg: argparse.Namespace) -> None:
+    """``--opt`` / ``--sched`` (and their arguments) as timm understands them, tried on a probe
+    parameter so that a misspelling stops the run before any data is read."""
+    probe = torch.nn.Linear(1, 1)
+    try:
+        optimizer = create_optimizer_v2(probe, **optimizer_kwargs(cfg))
+    except (AssertionError, ImportError, TypeError, ValueError) as err:
+        raise ConfigError(f"--opt {cfg.opt!r}: {err}") from None
+    try:
+        scheduler, _ = create_scheduler_v2(optimizer, **scheduler_kwargs(cfg), updates_per_epoch=1)
+    except (AssertionError, TypeError, ValueError) as err:
+        raise ConfigError(f"--sched {cfg.sched!r}: {err}") from None
+    if scheduler is None:
+        raise ConfigError("--sched none is not supported; use --sched constant for a fixed lr")
 
 
 def _check_writable(key: str, folder: str) -> None:

@@ -38,11 +38,11 @@ def time_averaged(logits: torch.Tensor, per_step: bool) -> torch.Tensor:
 
 def create_train_criterion(cfg: argparse.Namespace, mixup_active: bool) -> nn.Module:
     """The training loss selected by the config (timm's choices, TET on top when ``cfg.TET``)."""
-    smoothing = getattr(cfg, "smoothing", 0.0)
-    if getattr(cfg, "bce_loss", False):
+    smoothing = cfg.smoothing
+    if cfg.bce_loss:
         criterion = BinaryCrossEntropy(
             smoothing=0.0 if mixup_active else smoothing,
-            target_threshold=getattr(cfg, "bce_target_thresh", None),
+            target_threshold=cfg.bce_target_thresh,
         )
     elif mixup_active:
         criterion = SoftTargetCrossEntropy()
@@ -50,6 +50,6 @@ def create_train_criterion(cfg: argparse.Namespace, mixup_active: bool) -> nn.Mo
         criterion = LabelSmoothingCrossEntropy(smoothing=smoothing)
     else:
         criterion = nn.CrossEntropyLoss()
-    if getattr(cfg, "TET", False):
-        return TETLoss(criterion, getattr(cfg, "TET_lamb", 1e-3), getattr(cfg, "TET_means", 1.0))
+    if cfg.TET:
+        return TETLoss(criterion, cfg.TET_lamb, cfg.TET_means)
     return criterion

@@ -23,7 +23,7 @@ _logger = logging.getLogger("statten.test")
 
 def load_checkpoint_model(checkpoint: dict[str, Any], cfg: argparse.Namespace) -> nn.Module:
     """The model a checkpoint describes, with its EMA weights when ``--model-ema`` asks for them."""
-    use_ema = bool(getattr(cfg, "model_ema", False)) and "state_dict_ema" in checkpoint
+    use_ema = bool(cfg.model_ema) and "state_dict_ema" in checkpoint
     return create_model_from_checkpoint(checkpoint, use_ema=use_ema)
 
 
@@ -39,14 +39,14 @@ def test(cfg: argparse.Namespace) -> dict[str, Any]:
     ctx = init_distributed(cfg.device)
     try:
         model = load_checkpoint_model(read_checkpoint(cfg.resume), cfg).to(ctx.device)
-        if getattr(cfg, "fast_inference", False):
+        if cfg.fast_inference:
             model = optimize_for_inference(model)
         eval_loader = create_eval_loader(with_process_placement(cfg, ctx), model)
         metrics = evaluate(model, eval_loader, ctx, autocast_for(cfg, ctx.device), True)
         metrics["checkpoint"] = str(cfg.resume)
         if ctx.is_primary:
             _report(metrics)
-            if getattr(cfg, "json", None):
+            if cfg.json:
                 Path(cfg.json).write_text(json.dumps(metrics, indent=2))
         return metrics
     finally:

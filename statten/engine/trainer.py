@@ -44,7 +44,6 @@ _logger = logging.getLogger("statten.train")
 LAST = "last.pth.tar"
 BEST = "model_best.pth.tar"
 RECOVERY = "recovery.pth.tar"
-DIST_BN_MODES = ("broadcast", "reduce")  # sync BatchNorm statistics across ranks before eval
 SUMMARY_COLUMNS = ("epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr")
 
 
@@ -104,9 +103,9 @@ def autocast_for(
     cfg: argparse.Namespace, device: torch.device
 ) -> contextlib.AbstractContextManager:
     """bf16/fp16 autocast on CUDA when ``--amp`` is set; fp32 everywhere else."""
-    if getattr(cfg, "amp", False) and device.type == "cuda":
+    if cfg.amp and device.type == "cuda":
         dtype = (
-            torch.bfloat16 if getattr(cfg, "amp_dtype", "float16") == "bfloat16" else torch.float16
+            torch.bfloat16 if cfg.amp_dtype == "bfloat16" else torch.float16
         )
         return torch.autocast("cuda", dtype=dtype)
     return contextlib.nullcontext()
@@ -121,28 +120,28 @@ class Trainer:
         random_seed(cfg.seed, ctx.rank)
         self.model_config = model_config(cfg)
         self.model = create_model(cfg.model, **self.model_config).to(ctx.device)
-        self.model.memory_efficient = getattr(cfg, "memory_efficient", False)
-        if getattr(cfg, "channels_last", False):
+        self.model.memory_efficient = cfg.memory_efficient
+        if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        if ctx.distributed and getattr(cfg, "sync_bn", False):
+        if ctx.distributed and cfg.sync_bn:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        if getattr(cfg, "initial_checkpoint", ""):  # as timm's and the official scripts do
+        if cfg.initial_checkpoint:  # as timm's and the official scripts do
             load_checkpoint(self.model, cfg.initial_checkpoint, allow_missing=True)
-        if getattr(cfg, "linear_prob", False):  # the reference's --linear-prob
+        if cfg.linear_prob:  # the reference's --linear-prob
             frozen = get_family(cfg.model).linear_probe_frozen
             for name, parameter in self.model.named_parameters():
                 if name.startswith(frozen):
                     parameter.requires_grad_(False)
         self.optimizer = create_optimizer_v2(self.model, **optimizer_kwargs(cfg))
-        if getattr(cfg, "amp", False) and ctx.device.type != "cuda":
+        if cfg.amp and ctx.device.type != "cuda":
             _logger.warning("--amp applies on CUDA only: training on %s in fp32", ctx.device)
-        use_fp16 = getattr(cfg, "amp", False) and ctx.device.type == "cuda"
-        use_fp16 = use_fp16 and getattr(cfg, "amp_dtype", "float16") != "bfloat16"
+        use_fp16 = cfg.amp and ctx.device.type == "cuda"
+        use_fp16 = use_fp16 and cfg.amp_dtype != "bfloat16"
         self.scaler = NativeScaler(device=ctx.device.type) if use_fp16 else None
         self.autocast = autocast_for(cfg, ctx.device)
         self.ema = None
-        if getattr(cfg, "model_ema", False):
-            ema_device = "cpu" if getattr(cfg, "model_ema_force_cpu", False) else None
+        if cfg.model_ema:
+            ema_device = "cpu" if cfg.model_ema_force_cpu else None
             self.ema = ModelEmaV3(self.model, decay=cfg.model_ema_decay, device=ema_device)
         self.progress = Progress()
         self.output_dir: Path | None = None
@@ -223,7 +222,7 @@ class Trainer:
     def save_epoch(self, metric: float) -> None:
         """last, the best ``checkpoint_hist`` by the eval metric, model_best; drop recovery."""
         epoch = self.progress.epoch - 1  # the epoch just finished, as in summary.csv
-        keep = max(int(getattr(self.cfg, "checkpoint_hist", 10)), 1)
+        keep = max(int(self.cfg.checkpoint_hist), 1)
         lower_is_better = self._metric_name() == "loss"
         ranking = sorted(
             [*self.progress.best, (metric, epoch)], key=lambda b: b[0] if lower_is_better else -b[0]
@@ -258,7 +257,7 @@ class Trainer:
         total = len(self.train_loader)
         bar = _progress_bar(self.ctx, total, skip, epoch)
         loss_sum, seen, start = 0.0, 0, time.time()
-        recovery_every = int(getattr(self.cfg, "recovery_interval", 0) or 0)
+        recovery_every = int(self.cfg.recovery_interval or 0)
         for images, targets in batches:
             loss = self.train_step(images, targets)
             self.progress.batch_in_epoch += 1
@@ -274,14 +273,14 @@ class Trainer:
     def switch_mixup(self, epoch: int) -> None:
         """``--mixup-off-epoch N``: no mixing from epoch N on (targets stay label-smoothed), as
         the reference scripts do through timm's ``mixup_enabled``."""
-        off_epoch = getattr(self.cfg, "mixup_off_epoch", 0)
+        off_epoch = self.cfg.mixup_off_epoch
         if self.mixup_fn is not None and off_epoch:
             self.mixup_fn.mixup_enabled = epoch < off_epoch
 
     def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> float:
         images = images.to(self.ctx.device, non_blocking=True)
         targets = targets.to(self.ctx.device, non_blocking=True)
-        if getattr(self.cfg, "channels_last", False):
+        if self.cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         if self.mixup_fn is not None:
             images, targets = self.mixup_fn(images, targets)
@@ -289,8 +288,8 @@ class Trainer:
             loss = self.model.loss(self.train_model(images), targets, self.criterion)
         self._check_finite(loss)
         self.optimizer.zero_grad(set_to_none=True)
-        clip = getattr(self.cfg, "clip_grad", None)
-        clip_mode = getattr(self.cfg, "clip_mode", "norm")
+        clip = self.cfg.clip_grad
+        clip_mode = self.cfg.clip_mode
         if self.scaler is not None:
             self.scaler(loss, self.optimizer, clip_grad=clip, clip_mode=clip_mode,
                         parameters=self.model.parameters())  # fmt: skip
@@ -318,7 +317,7 @@ class Trainer:
 
     def _metric_name(self) -> str:
         """The metric that ranks checkpoints (``--eval-metric`` without an ``eval_`` prefix)."""
-        return getattr(self.cfg, "eval_metric", "top1").removeprefix("eval_")
+        return self.cfg.eval_metric.removeprefix("eval_")
 
     def _lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
@@ -330,7 +329,7 @@ class Trainer:
         eval_model = self.ema.module if self.ema is not None else self.model
         for epoch in range(self.progress.epoch, self.num_epochs):
             train_loss = self.train_one_epoch(epoch)
-            if self.ctx.distributed and getattr(self.cfg, "dist_bn", "reduce") in DIST_BN_MODES:
+            if self.ctx.distributed:  # every rank evaluates the statistics that are saved
                 distribute_bn(self.model, self.ctx.world_size, self.cfg.dist_bn == "reduce")
             metrics = evaluate(eval_model, self.eval_loader, self.ctx, self.autocast)
             self.progress.epoch, self.progress.batch_in_epoch = epoch + 1, 0
@@ -408,7 +407,7 @@ def continues_run(cfg: argparse.Namespace, checkpoint: dict[str, Any] | None) ->
     return (
         checkpoint is not None
         and checkpoint.get("format") == CHECKPOINT_FORMAT
-        and not getattr(cfg, "no_resume_opt", False)
+        and not cfg.no_resume_opt
     )
 
 
@@ -478,7 +477,7 @@ def run_training(cfg: argparse.Namespace) -> Trainer:
 
 def train(cfg: argparse.Namespace) -> Path | None:
     """``statten train``: returns the run directory (None for ``--dry-run``)."""
-    if getattr(cfg, "dry_run", False):
+    if cfg.dry_run:
         dry_run(cfg)
         return None
     return run_training(cfg).output_dir
