@@ -199,6 +199,7 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     _flag(g, "--no-prefetcher", "disable timm's GPU prefetcher")
     _flag(g, "--use-multi-epochs-loader", "keep loader workers alive across epochs")
     _flag(g, "--large-valid", "test on ImageNet: resize to 320, centre-crop 288")
+    _flag(g, "--skip-corrupt", "replace an unreadable image by the next one, with a warning")
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:

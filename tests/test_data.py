@@ -11,8 +11,12 @@ import torch
 from PIL import Image
 
 import statten
+from statten.config import ConfigError, parse_config
 from statten.data import (
+    CorruptSampleError,
     DatasetNotFoundError,
+    DatasetSpec,
+    build_dataset,
     create_datasets,
     create_loaders,
     data_config,
@@ -43,6 +47,28 @@ def image_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 pixels = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(root / split / label / f"{i}.png")
     return root
+
+
+def write_tree(root: Path, counts: dict[str, dict[str, int]]) -> Path:
+    """``root/<split>/<class>/<i>.png``: ``counts[split][class]`` tiny random RGB images."""
+    rng = np.random.default_rng(0)
+    for split, classes in counts.items():
+        for label, count in classes.items():
+            (root / split / label).mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / label / f"{i}.png")
+    return root
+
+
+def folder_cfg(root: Path, **overrides: object) -> Namespace:
+    values = {"dataset": "", "data_dir": str(root), "img_size": 8, "batch_size": 2, "seed": 0}
+    return Namespace(**{**values, **overrides})
+
+
+def labels(dataset: torch.utils.data.Dataset) -> dict[str, int]:
+    """``{class folder: label}`` of an image folder dataset's samples."""
+    return {Path(path).parent.name: label for path, label in dataset.samples}
 
 
 def test_digits_shapes_labels_and_normalisation() -> None:
@@ -259,3 +285,107 @@ def test_evaluation_ranks_share_the_split_without_repeating_a_sample(size: int, 
         for r in range(world)
     ]
     assert sorted(i for share in shares for i in share) == list(range(size))
+
+
+def test_a_class_missing_in_the_evaluation_split_keeps_the_training_labels(
+    tmp_path: Path,
+) -> None:
+    """timm labelled each split by its own classes: without bee, cat became 1 in val/."""
+    write_tree(tmp_path, {"train": {"ant": 1, "bee": 1, "cat": 1}, "val": {"ant": 1, "cat": 1}})
+    (tmp_path / "val" / "bee").mkdir()  # empty folder
+    with pytest.warns(UserWarning, match=r"no images of 1 of the 3 classes .*'bee'"):
+        train, evaluation = create_datasets(folder_cfg(tmp_path))
+    assert labels(train) == {"ant": 0, "bee": 1, "cat": 2}
+    assert labels(evaluation) == {"ant": 0, "cat": 2}
+
+
+def test_statten_test_labels_the_evaluation_split_by_the_training_classes(
+    tmp_path: Path,
+) -> None:
+    """``statten test`` builds the evaluation split alone; train/ still names the classes."""
+    write_tree(tmp_path, {"train": {"ant": 1, "bee": 1, "cat": 1}, "val": {"bee": 1, "cat": 1}})
+    with pytest.warns(UserWarning, match="'ant'"):
+        evaluation = build_dataset(folder_cfg(tmp_path), False)
+    assert labels(evaluation) == {"bee": 1, "cat": 2}
+    alone = write_tree(tmp_path / "alone", {"val": {"bee": 1, "cat": 1}})
+    assert labels(build_dataset(folder_cfg(alone), False)) == {"bee": 0, "cat": 1}
+
+
+def test_a_class_absent_from_the_training_split_is_an_error_naming_it(tmp_path: Path) -> None:
+    write_tree(tmp_path, {"train": {"ant": 1, "cat": 1}, "val": {"ant": 1, "bee": 1, "cat": 1}})
+    (tmp_path / "train" / "bee").mkdir()  # empty in train only
+    with pytest.raises(DatasetNotFoundError, match=r"classes that the training split .* 'bee'"):
+        create_datasets(folder_cfg(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("dataset", "configured", "found"),
+    [("", 1000, 2), ("digits", 100, 10), ("torch/cifar10", 100, 10), ("cifar10-dvs", 11, 10)],
+)
+def test_num_classes_other_than_the_data_has_is_an_error_naming_both(
+    image_tree: Path, dataset: str, configured: int, found: int
+) -> None:
+    """The CLI's default of 1000 classes was used silently for a 2-class folder."""
+    cfg = folder_cfg(image_tree, dataset=dataset, num_classes=configured)
+    with pytest.raises(ConfigError, match=f"num_classes is {configured} but .* has {found} "):
+        create_datasets(cfg)
+
+
+def write_corrupt_images(root: Path) -> tuple[Path, Path]:
+    """Add to ``root/train/cat`` a file that is no image and a truncated JPEG."""
+    not_an_image = root / "train" / "cat" / "1_garbage.png"
+    not_an_image.write_bytes(b"not an image at all")
+    truncated = root / "train" / "cat" / "2_truncated.jpg"
+    Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    return not_an_image, truncated
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_corrupt_image_is_one_line_naming_the_file(tmp_path: Path, workers: int) -> None:
+    """timm skipped it silently (a log line) and trained on the next image twice."""
+    write_tree(tmp_path, {"train": {"cat": 1, "dog": 1}, "val": {"cat": 1, "dog": 1}})
+    not_an_image, truncated = write_corrupt_images(tmp_path)
+    dataset = build_dataset(folder_cfg(tmp_path, no_aug=True), True)
+    for index, path in ((1, not_an_image), (2, truncated)):
+        loader = torch.utils.data.DataLoader(dataset, sampler=[index], num_workers=workers)
+        with pytest.raises(CorruptSampleError, match="--skip-corrupt") as info:
+            next(iter(loader))
+        message = str(info.value)
+        assert message.startswith(f"unreadable image {str(path)!r}") and "\n" not in message
+        assert isinstance(info.value, DatasetNotFoundError)  # the CLI's one-line user error
+
+
+def test_skip_corrupt_replaces_the_image_with_a_warning_and_a_count(tmp_path: Path) -> None:
+    write_tree(tmp_path, {"train": {"cat": 1, "dog": 2}, "val": {"cat": 1, "dog": 1}})
+    not_an_image, truncated = write_corrupt_images(tmp_path)
+    assert parse_config(["--skip-corrupt"], "train").skip_corrupt
+    cfg = folder_cfg(tmp_path, batch_size=5, skip_corrupt=True, no_aug=True, hflip=0.0)
+    loader = create_loaders(cfg)[0]
+    with pytest.warns(UserWarning) as caught:
+        images, _ = next(iter(loader))
+    assert images.shape == (5, 3, 8, 8)  # the batch keeps its size
+    messages = [str(w.message) for w in caught if "--skip-corrupt" in str(w.message)]
+    assert str(not_an_image) in messages[0] and "(1 unreadable file(s)" in messages[0]
+    assert str(truncated) in messages[1] and "(2 unreadable file(s)" in messages[1]
+    replaced = loader.dataset[1][0]  # 1_garbage.png -> 2_truncated.jpg -> dog/0.png
+    assert torch.equal(replaced, loader.dataset[3][0])
+
+
+def test_empty_evaluation_split_is_an_error(image_tree: Path, monkeypatch) -> None:
+    """A split that exists but holds no sample gave NaN metrics over 0 samples."""
+    from statten.data import datasets
+
+    def build(cfg: Namespace, data_cfg: dict, training: bool) -> torch.utils.data.Dataset:
+        return torch.utils.data.TensorDataset(torch.zeros(4 if training else 0, 1))
+
+    monkeypatch.setitem(datasets.DATASETS, "tiny", DatasetSpec(build, num_classes=2))
+    with pytest.raises(DatasetNotFoundError, match="evaluation split of dataset 'tiny' is empty"):
+        create_datasets(Namespace(dataset="tiny", data_dir="somewhere"))
+
+
+def test_a_training_split_smaller_than_a_batch_is_an_error(tmp_path: Path) -> None:
+    """drop_last made every epoch train on nothing."""
+    write_tree(tmp_path, {"train": {"cat": 1, "dog": 1}, "val": {"cat": 1, "dog": 1}})
+    with pytest.raises(DatasetNotFoundError, match="2 samples, fewer than --batch-size 4"):
+        create_loaders(folder_cfg(tmp_path, batch_size=4))

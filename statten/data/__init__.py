@@ -14,7 +14,7 @@ from statten.data.datasets import (
     num_classes,
 )
 from statten.data.digits import DigitsDataset
-from statten.data.errors import DatasetNotFoundError
+from statten.data.errors import CorruptSampleError, DatasetNotFoundError
 from statten.data.loaders import (
     EpochRepeatAugSampler,
     EpochShuffleSampler,
@@ -26,6 +26,7 @@ from statten.data.loaders import (
 
 __all__ = [
     "DATASETS",
+    "CorruptSampleError",
     "DatasetNotFoundError",
     "DatasetSpec",
     "DigitsDataset",

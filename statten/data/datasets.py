@@ -1,27 +1,36 @@
 """Dataset registry: dataset name -> :class:`DatasetSpec`, and the entry points built on it.
 
-Static image datasets other than ``digits`` go through timm: ``create_dataset`` opens the split
-and ``create_transform`` attaches the reference augmentation (RandAugment, random erasing, ...)
-ending in normalisation, since the models do not normalise their input. The event datasets
-(``cifar10-dvs``, ``ncaltech101``) are read by SpikingJelly: see :mod:`statten.data.events`.
+Static image datasets other than ``digits`` go through timm: ``create_dataset`` opens CIFAR,
+image folders are found by timm's ImageFolder rules (labels from the training split's classes in
+both splits) and read by :class:`ImageFolderDataset`, and ``create_transform`` attaches the
+reference augmentation (RandAugment, random erasing, ...) ending in normalisation, since the
+models do not normalise their input. The event datasets (``cifar10-dvs``, ``ncaltech101``) are
+read by SpikingJelly: see :mod:`statten.data.events`.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from argparse import Namespace
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from PIL import Image
 from timm.data import AugMixDataset, create_dataset, create_transform, resolve_data_config
+from timm.data.readers.class_map import load_class_map
+from timm.data.readers.img_extensions import get_img_extensions
+from timm.data.readers.reader_image_folder import find_images_and_targets
+from timm.utils.misc import natural_key
 from torch import nn
 from torch.utils.data import Dataset
 from torchvision.datasets import CIFAR10, CIFAR100
 
+from statten.config import ConfigError
 from statten.data.digits import NUM_CLASSES as DIGITS_CLASSES
 from statten.data.digits import Stats, build_digits, digits_stats
-from statten.data.errors import DatasetNotFoundError
+from statten.data.errors import CorruptSampleError, DatasetNotFoundError
 from statten.data.options import option
 
 CIFAR10_STATS: Stats = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
@@ -40,7 +49,14 @@ FOLDER_LAYOUT = (
     "or train on the built-in --dataset digits"
 )
 
+# What PIL raises for a file it cannot read or decode.
+UNREADABLE_IMAGE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+# Class names an error or a warning lists before "and N more".
+NAMED_CLASSES = 5
+
 Builder = Callable[[Namespace, dict[str, Any], bool], Dataset]
+# An image folder split: its path and its images as (file, class name) pairs.
+ImageSplit = tuple[str, list[tuple[str, str]]]
 
 
 @dataclass(frozen=True)
@@ -152,20 +168,149 @@ def _split_dir(root: str, split: str) -> str:
     )
 
 
+def read_image(path: str, mode: str) -> Image.Image:
+    """The decoded image at ``path`` in PIL ``mode``; PIL's errors for an unreadable file pass."""
+    with Image.open(path) as image:
+        return image.convert(mode)
+
+
+class ImageFolderDataset(Dataset):
+    """Labelled image files decoded into PIL ``mode``; ``transform`` applies to each image.
+
+    A file PIL cannot read is a :class:`CorruptSampleError` naming it. With ``skip_corrupt`` it
+    is replaced by the next readable sample, so that batches keep their size, and a warning names
+    it with the number of files skipped so far by this process (each loader worker counts its own).
+    """
+
+    def __init__(self, samples: list[tuple[str, int]], mode: str, skip_corrupt: bool) -> None:
+        self.samples = samples
+        self.mode = mode
+        self.skip_corrupt = skip_corrupt
+        self.skipped: set[str] = set()
+        self.transform: Callable[[Image.Image], Any] | None = None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        for offset in range(len(self.samples)):
+            path, target = self.samples[(index + offset) % len(self.samples)]
+            try:
+                image = read_image(path, self.mode)
+            except UNREADABLE_IMAGE as error:
+                problem = f"unreadable image {path!r} ({' '.join(str(error).split())})"
+                if not self.skip_corrupt:
+                    raise CorruptSampleError(
+                        f"{problem}; replace or delete it, or pass --skip-corrupt to skip "
+                        "unreadable images"
+                    ) from error
+                self._warn_skipped(path, problem)
+                continue
+            return (image if self.transform is None else self.transform(image)), target
+        raise CorruptSampleError(f"none of the {len(self.samples)} images of the split is readable")
+
+    def _warn_skipped(self, path: str, problem: str) -> None:
+        """Warn once per file, with the running count of this process."""
+        if path not in self.skipped:
+            self.skipped.add(path)
+            warnings.warn(
+                f"--skip-corrupt: skipped {problem}, using the next image instead "
+                f"({len(self.skipped)} unreadable file(s) skipped by this process so far)",
+                stacklevel=2,
+            )
+
+
+def _find_images(path: str) -> list[tuple[str, str]]:
+    """``(file, class name)`` of every image under ``path``, the class being its folder's name
+    (timm's ImageFolder rule), in timm's sorted order."""
+    samples, class_to_idx = find_images_and_targets(path)
+    names = {index: name for name, index in class_to_idx.items()}
+    return [(file, names[index]) for file, index in samples]
+
+
+def _training_split(cfg: Namespace) -> ImageSplit | None:
+    """The training split, or None if it has no folder or no images (``statten test`` may run
+    on a copy of the evaluation split alone)."""
+    try:
+        path = _split_dir(option(cfg, "data_dir"), option(cfg, "train_split"))
+    except DatasetNotFoundError:
+        return None
+    images = _find_images(path)
+    return (path, images) if images else None
+
+
+def _class_list(cfg: Namespace, reference: ImageSplit, which: str) -> tuple[dict[str, int], str]:
+    """``(class name -> label, where the list comes from)``: ``class_map`` if set, else the
+    classes of the ``reference`` split (``which`` says which split it is), sorted as timm does."""
+    class_map = option(cfg, "class_map")
+    if class_map:
+        return load_class_map(class_map, option(cfg, "data_dir")), f"the class map {class_map!r}"
+    path, images = reference
+    names = sorted({name for _, name in images}, key=natural_key)
+    return {name: label for label, name in enumerate(names)}, f"the {which} split {path!r}"
+
+
+def _listed(names: set[str]) -> str:
+    """Up to :data:`NAMED_CLASSES` names, sorted and quoted, then how many more."""
+    ordered = sorted(names, key=natural_key)
+    more = len(ordered) - NAMED_CLASSES
+    return ", ".join(map(repr, ordered[:NAMED_CLASSES])) + (f" and {more} more" if more > 0 else "")
+
+
+def _labelled(split: ImageSplit, classes: dict[str, int], source: str) -> list[tuple[str, int]]:
+    """``(file, label)`` of the split's images, labelled by ``classes`` (from ``source``).
+
+    A class ``classes`` lacks is an error; a class without images here only a warning, since
+    the labels of the others do not depend on it.
+    """
+    path, images = split
+    found = {name for _, name in images}
+    if unknown := found - classes.keys():
+        raise DatasetNotFoundError(
+            f"{path!r} has images of classes that {source} lacks: {_listed(unknown)}; both "
+            f"splits need the same class folders, since the labels come from {source}"
+        )
+    if missing := classes.keys() - found:
+        warnings.warn(
+            f"{path!r} has no images of {len(missing)} of the {len(classes)} classes of "
+            f"{source}: {_listed(missing)}",
+            stacklevel=2,
+        )
+    return [(file, classes[name]) for file, name in images]
+
+
+def check_num_classes(cfg: Namespace, found: int, source: str) -> None:
+    """A configured ``num_classes`` must be the data's class count: otherwise the model has
+    outputs no label uses, or labels it cannot output."""
+    configured = option(cfg, "num_classes")
+    if configured and configured != found:
+        raise ConfigError(
+            f"num_classes is {configured} but {source} has {found} classes: "
+            f"set --num-classes {found} (num_classes: {found} in a recipe)"
+        )
+
+
 def _open_folder(cfg: Namespace, data_cfg: dict[str, Any], training: bool) -> Dataset:
-    """Opener of an ImageFolder split ``data_dir/<split>/<class>/<image>`` through timm."""
+    """Opener of an ImageFolder split ``data_dir/<split>/<class>/<image>``.
+
+    Both splits take their labels from the training split's classes (see :func:`_class_list`),
+    so that a class folder missing or empty in one split cannot shift the labels of the others.
+    """
     split = option(cfg, "train_split" if training else "val_split")
     path = _split_dir(option(cfg, "data_dir"), split)
-    try:
-        return create_dataset(
-            "",
-            root=path,
-            search_split=False,
-            class_map=option(cfg, "class_map"),
-            input_img_mode="L" if data_cfg["input_size"][0] == 1 else "RGB",
+    images = _find_images(path)
+    if not images:
+        raise DatasetNotFoundError(
+            f"no images in {path!r} (image files end in {', '.join(get_img_extensions())}); "
+            f"{FOLDER_LAYOUT}"
         )
-    except RuntimeError as error:  # timm: "Found 0 images in subfolders of ..."
-        raise DatasetNotFoundError(f"no images in {path!r}: {error}; {FOLDER_LAYOUT}") from error
+    reference = None if training else _training_split(cfg)
+    which = "training" if training or reference else "evaluation"
+    classes, source = _class_list(cfg, reference or (path, images), which)
+    check_num_classes(cfg, len(classes), source)
+    samples = _labelled((path, images), classes, source)
+    mode = "L" if data_cfg["input_size"][0] == 1 else "RGB"
+    return ImageFolderDataset(samples, mode, getattr(cfg, "skip_corrupt", False))
 
 
 def _event_dataset(cfg: Namespace, data_cfg: dict[str, Any], training: bool) -> Dataset:
@@ -251,10 +396,19 @@ def check_split_name(cfg: Namespace, training: bool) -> None:
 def build_dataset(cfg: Namespace, training: bool, model: nn.Module | None = None) -> Dataset:
     """The train or eval dataset of ``cfg.dataset``, transforms attached, outputs normalised."""
     spec = dataset_spec(cfg)
+    name = option(cfg, "dataset")
     if spec.fixed_splits:  # both names, so that a typo stops the run before any data is read
         check_split_name(cfg, True)
         check_split_name(cfg, False)
-    return spec.build(cfg, data_config(cfg, model), training)
+        if spec.num_classes:
+            check_num_classes(cfg, spec.num_classes, f"dataset {name!r}")
+    dataset = spec.build(cfg, data_config(cfg, model), training)
+    if len(dataset) == 0:
+        raise DatasetNotFoundError(
+            f"the {'training' if training else 'evaluation'} split of dataset {name!r} is empty "
+            f"(--data-dir {option(cfg, 'data_dir')!r})"
+        )
+    return dataset
 
 
 def create_datasets(cfg: Namespace, model: nn.Module | None = None) -> tuple[Dataset, Dataset]:

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
 from statten.data.datasets import build_dataset, create_datasets, num_classes
+from statten.data.errors import DatasetNotFoundError
 from statten.data.options import option
 
 
@@ -108,6 +109,18 @@ def collate_splits(batch: Sequence[tuple[Any, Any]]) -> tuple[Tensor, Tensor]:
     return torch.cat(splits), targets.repeat(len(splits))
 
 
+def check_full_batch(cfg: Namespace, sampler: Sampler[int], batch_size: int) -> None:
+    """Training drops the last partial batch: a split (per process) smaller than one batch would
+    train on nothing, every epoch, without a word."""
+    if len(sampler) < batch_size:
+        share = " per process" if _replicas(cfg)[0] > 1 else ""
+        raise DatasetNotFoundError(
+            f"the training split has {len(sampler)} samples{share}, fewer than --batch-size "
+            f"{batch_size}: no full batch to train on (the partial one is dropped); lower "
+            "--batch-size or add data"
+        )
+
+
 def _loader(cfg: Namespace, dataset: Dataset, training: bool) -> DataLoader:
     """A train (sampled, drop_last) or eval (ordered) loader over ``dataset``."""
     workers = option(cfg, "workers")
@@ -116,10 +129,13 @@ def _loader(cfg: Namespace, dataset: Dataset, training: bool) -> DataLoader:
         batch_size = (
             option(cfg, "validation_batch_size") or option(cfg, "val_batch_size") or batch_size
         )
+    sampler = train_sampler(cfg, dataset) if training else eval_sampler(cfg, dataset)
+    if training:
+        check_full_batch(cfg, sampler, batch_size)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=train_sampler(cfg, dataset) if training else eval_sampler(cfg, dataset),
+        sampler=sampler,
         num_workers=workers,
         collate_fn=collate_splits if training and option(cfg, "aug_splits") else None,
         pin_memory=option(cfg, "pin_mem") and torch.cuda.is_available(),
