@@ -364,8 +364,6 @@ def save_checkpoint(checkpoint: Mapping[str, Any], path: str | os.PathLike) -> N
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             torch.save(dict(checkpoint), f)
-            f.flush()
-            os.fsync(f.fileno())
 
     _replace_atomically(os.fspath(path), write)
 
@@ -384,20 +382,18 @@ def link_checkpoint(source: str | os.PathLike, path: str | os.PathLike) -> None:
 
 
 def _replace_atomically(path: str, write: Callable[[str], None]) -> None:
-    """``write`` a temporary file beside ``path``, then rename it over ``path`` and fsync the
-    folder; on failure remove the temporary file, leave ``path`` as it was, and raise
+    """``write`` a temporary file beside ``path``, fsync it, rename it over ``path`` and fsync
+    the folder, so that after a crash or a power loss ``path`` is the old file or the whole new
+    one; on failure remove the temporary file, leave ``path`` as it was, and raise
     :class:`CheckpointError`."""
     directory = os.path.dirname(os.path.abspath(path))
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         os.makedirs(directory, exist_ok=True)
         write(tmp)
+        _fsync(tmp)  # the data is on disk before the name points at it
         os.replace(tmp, path)
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _fsync(directory)  # and so is the rename
     except OSError as err:
         raise CheckpointError(
             f"cannot write checkpoint {path}: {err.strerror or err}; any previous {path} is intact"
@@ -405,3 +401,12 @@ def _replace_atomically(path: str, write: Callable[[str], None]) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _fsync(path: str) -> None:
+    """Flush the file or folder ``path`` to disk (a read-only descriptor suffices on POSIX)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

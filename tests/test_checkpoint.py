@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,11 +21,15 @@ import statten
 from statten.checkpoint import (
     CHECKPOINT_FORMAT,
     CheckpointError,
+    link_checkpoint,
     read_checkpoint,
+    save_checkpoint,
 )
 from statten.cli import main
+from statten.engine.trainer import _remove_stale_temporaries
 
 OFFICIAL = DATA / "static_statten_official_format.pth.tar"
+WRITER = Path(__file__).parent / "checkpoint_writer.py"
 
 
 class _Payload:
@@ -247,3 +256,59 @@ def test_statten_test_of_a_bad_checkpoint_prints_one_line_and_exits_2(
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1, lines
     assert lines[0].startswith("statten test: error: ") and "img_size" in lines[0]
+
+
+def test_a_kill_inside_a_checkpoint_write_leaves_the_previous_checkpoint(tmp_path: Path) -> None:
+    path, marker = tmp_path / "last.pth.tar", tmp_path / "half-written"
+    writer = subprocess.Popen([sys.executable, str(WRITER), str(path), str(marker)])
+    try:
+        deadline = time.time() + 120
+        while not marker.exists():
+            assert writer.poll() is None, "the writer ended before pausing inside its second save"
+            assert time.time() < deadline, "the writer never reached its second save"
+            time.sleep(0.05)
+    finally:
+        writer.kill()
+        writer.wait()
+    assert writer.returncode == -signal.SIGKILL
+    assert read_checkpoint(path)["generation"] == 1
+    half_written = tmp_path / f"last.pth.tar.tmp-{writer.pid}"
+    assert half_written.stat().st_size > 0
+    with pytest.raises(CheckpointError, match=r"truncated or not written by torch\.save"):
+        read_checkpoint(half_written)
+    _remove_stale_temporaries(tmp_path)  # what the next statten train does first
+    assert sorted(tmp_path.iterdir()) == [marker, path]
+
+
+def _no_hard_links(source: str, destination: str) -> None:
+    raise OSError(errno.EPERM, "hard links not supported")
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names descriptors via /proc")
+@pytest.mark.parametrize("writer", ["save", "copy"])
+def test_a_checkpoint_is_on_disk_before_its_name_and_its_name_is_on_disk_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writer: str
+) -> None:
+    source, path = tmp_path / "source.pth.tar", tmp_path / "last.pth.tar"
+    save_checkpoint({"step": 1}, source)
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(source: str, destination: str) -> None:
+        events.append(("rename", os.path.realpath(source)))
+        real_replace(source, destination)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    if writer == "save":
+        save_checkpoint({"step": 2}, path)
+    else:
+        monkeypatch.setattr(os, "link", _no_hard_links)  # a file system that copies
+        link_checkpoint(source, path)
+    temporary = os.path.realpath(f"{path}.tmp-{os.getpid()}")
+    directory = os.path.realpath(tmp_path)
+    assert events == [("fsync", temporary), ("rename", temporary), ("fsync", directory)]
