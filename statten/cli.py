@@ -1,7 +1,8 @@
 """The ``statten`` command and its subcommands (``statten train``, ``statten test``, ...).
 
 Errors a user can fix (bad configuration, missing data, unusable checkpoint, diverging training)
-print one line and exit with status 2; ``--debug`` shows the traceback instead.
+print one line and exit with status 2; ``--debug`` shows the traceback instead. SIGTERM or SIGINT
+during training writes a recovery checkpoint, prints one line naming it and exits with 143 / 130.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 from statten.checkpoint import CheckpointError
 from statten.config import ConfigError, resolve_config
 from statten.data import DatasetNotFoundError
+from statten.engine.stopping import TrainingStopped
 from statten.engine.trainer import TrainingError
 
 USER_ERRORS = (ConfigError, CheckpointError, DatasetNotFoundError, TrainingError)
@@ -70,6 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"statten {command}: error: {err}", file=sys.stderr)
         return 2
+    except TrainingStopped as stop:  # SIGTERM / SIGINT during training
+        if stop.primary:
+            print(f"statten {command}: {stop}", file=sys.stderr)
+        return stop.exit_status
     except KeyboardInterrupt:
         print(f"statten {command}: interrupted", file=sys.stderr)
         return 130

@@ -36,6 +36,7 @@ from statten.data import create_loaders, data_config
 from statten.engine.distributed import DistributedContext, init_distributed, shutdown
 from statten.engine.evaluate import evaluate
 from statten.engine.losses import create_train_criterion
+from statten.engine.stopping import StopSignals, TrainingStopped
 from statten.factory import create_model
 from statten.models import get_family
 
@@ -124,10 +125,6 @@ class Trainer:
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if ctx.distributed and cfg.sync_bn:
-        if cfg.bn_momentum is not None:  # as timm's create_model(bn_momentum=...)
-            for module in self.model.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.momentum = cfg.bn_momentum
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         if cfg.initial_checkpoint:  # as timm's and the official scripts do
             load_checkpoint(self.model, cfg.initial_checkpoint, allow_missing=True)
@@ -149,6 +146,7 @@ class Trainer:
             self.ema = ModelEmaV3(self.model, decay=cfg.model_ema_decay, device=ema_device)
         self.progress = Progress()
         self.output_dir: Path | None = None
+        self.stop_signals = StopSignals()
 
     # -- setup ---------------------------------------------------------------------------------
     def build_data(self) -> None:
@@ -188,14 +186,6 @@ class Trainer:
             "resumed from %s at epoch %d, batch %d (step %d)",
             path, self.progress.epoch, self.progress.batch_in_epoch, self.progress.step,
         )  # fmt: skip
-
-    def start_at(self, epoch: int) -> None:
-        """``--start-epoch``: begin (or resume) at ``epoch``, with the learning-rate schedule
-        moved there, as timm's training script does."""
-        self.progress.epoch, self.progress.batch_in_epoch = epoch, 0
-        self.progress.step = epoch * len(self.train_loader)
-        self.scheduler.step(epoch)
-        _logger.info("starting at epoch %d (--start-epoch)", epoch)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _checkpoint(self, metric: float | None) -> dict[str, Any]:
@@ -267,7 +257,7 @@ class Trainer:
                 pass
             restore_rng_state(rng)
         total = len(self.train_loader)
-        bar = _progress_bar(self.ctx, total, skip, epoch, self.cfg.log_interval)
+        bar = _progress_bar(self.ctx, total, skip, epoch)
         loss_sum, seen, start = 0.0, 0, time.time()
         recovery_every = int(self.cfg.recovery_interval or 0)
         for images, targets in batches:
@@ -277,6 +267,7 @@ class Trainer:
             loss_sum, seen = loss_sum + loss * len(images), seen + len(images)
             self.scheduler.step_update(num_updates=self.progress.step)
             bar.update(self.progress.batch_in_epoch, loss, self._lr(), seen / (time.time() - start))
+            self._stop_if_signalled()
             if recovery_every and self.progress.step % recovery_every == 0:
                 self.save_recovery()
         bar.close()
@@ -314,6 +305,28 @@ class Trainer:
             self.ema.update(self.model, step=self.progress.step)
         return loss.item()
 
+    def _stop_if_signalled(self) -> None:
+        """After SIGTERM/SIGINT at any rank: a recovery checkpoint, then :class:`TrainingStopped`
+        (every rank stops at the same step, as they all join the save)."""
+        signum = self._agreed_stop_signal()
+        if signum:
+            self.save_recovery()
+            raise TrainingStopped(
+                signum,
+                self.progress.epoch,
+                self.progress.batch_in_epoch,
+                (self.output_dir / RECOVERY).resolve(),
+                self.ctx.is_primary,
+            )
+
+    def _agreed_stop_signal(self) -> int:
+        """The stop signal received by this rank or, when distributed, by any rank (0: none)."""
+        if not self.ctx.distributed:
+            return self.stop_signals.received
+        received = torch.tensor(self.stop_signals.received, device=self.ctx.device)
+        torch.distributed.all_reduce(received, op=torch.distributed.ReduceOp.MAX)
+        return int(received.item())
+
     def _check_finite(self, loss: torch.Tensor) -> None:
         finite = torch.isfinite(loss.detach()).float()
         if self.ctx.distributed:
@@ -335,9 +348,18 @@ class Trainer:
         return self.optimizer.param_groups[0]["lr"]
 
     def fit(self) -> dict[str, float]:
-        """Train until ``num_epochs``, validating and checkpointing after every epoch."""
-        metrics: dict[str, float] = {}
+        """Train until ``num_epochs``, validating and checkpointing after every epoch; SIGTERM
+        and SIGINT stop it at the next step with a recovery checkpoint."""
         writer = _tensorboard(self.output_dir) if self.ctx.is_primary else None
+        try:
+            with self.stop_signals:
+                return self._run_epochs(writer)
+        finally:
+            if writer is not None:
+                writer.close()
+
+    def _run_epochs(self, writer: Any) -> dict[str, float]:
+        metrics: dict[str, float] = {}
         eval_model = self.ema.module if self.ema is not None else self.model
         for epoch in range(self.progress.epoch, self.num_epochs):
             train_loss = self.train_one_epoch(epoch)
@@ -365,22 +387,20 @@ class Trainer:
                     *row.values(),
                 )
             self.save_epoch(metrics[self._metric_name()])
-        if writer is not None:
-            writer.close()
+            if epoch + 1 < self.num_epochs:
+                self._stop_if_signalled()  # a signal during evaluation
         return metrics
 
 
 class _progress_bar:
     """tqdm bar on the primary rank when attached to a terminal; periodic log lines otherwise."""
 
-    def __init__(
-        self, ctx: DistributedContext, total: int, initial: int, epoch: int, interval: int
-    ) -> None:
+    def __init__(self, ctx: DistributedContext, total: int, initial: int, epoch: int) -> None:
         self.enabled = ctx.is_primary
         self.total = total
         self.epoch = epoch
         self.bar = None
-        self.interval = interval
+        self.interval = max(total // 10, 1)
         if self.enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -505,8 +525,6 @@ def _remove_stale_temporaries(output_dir: Path) -> None:
 
 __all__ = [
     "Trainer",
-        if cfg.start_epoch is not None:
-            trainer.start_at(cfg.start_epoch)
     "TrainingError",
     "autocast_for",
     "dry_run",

@@ -1,0 +1,89 @@
+"""The life of a training process: stopped by signals, resumed exactly."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_train import SMALL, assert_identical, train, weights
+
+from statten.checkpoint import read_checkpoint
+from statten.cli import main
+
+STATTEN = shutil.which("statten", path=str(Path(sys.executable).parent))
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+STOPPABLE = [*SMALL, "--epochs", "1", "--recovery-interval", "0", "--log-interval", "1"]
+
+
+def start_training(command: list[str], run: Path) -> subprocess.Popen:
+    """Start ``command`` (a ``statten train`` writing to ``run``) and return once it trains."""
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    log, deadline = run / "log.txt", time.time() + 120
+    while not (log.exists() and "epoch 0 [" in log.read_text()):  # a progress line: under way
+        assert process.poll() is None, process.stderr.read()[-3000:]
+        assert time.time() < deadline, "no training progress within 120 s"
+        time.sleep(0.05)
+    return process
+
+
+def stop(process: subprocess.Popen, signum: int) -> tuple[int, list[str]]:
+    """Send ``signum``; the exit status and the lines that report a stop."""
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=120)
+    return process.returncode, [line for line in err.splitlines() if "stopped by" in line]
+
+
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_stops_training_with_a_recovery_checkpoint_that_resumes_exactly(
+    tmp_path: Path, signum: int, status: int
+) -> None:
+    run = tmp_path / "train" / "stopped"
+    args = [*STOPPABLE, "--output", str(tmp_path)]
+    process = start_training([STATTEN, "train", *args, "--experiment", "stopped"], run)
+    returncode, reports = stop(process, signum)
+    recovery = run / "recovery.pth.tar"
+    assert returncode == status
+    name = signal.Signals(signum).name
+    assert len(reports) == 1 and reports[0].startswith(f"statten train: stopped by {name} at ")
+    assert reports[0].endswith(f"recovery checkpoint: {recovery}; "
+                               f"resume with: statten train --resume {recovery}")  # fmt: skip
+    assert read_checkpoint(recovery)["progress"]["batch_in_epoch"] > 0
+    if signum == signal.SIGINT:
+        return  # SIGTERM's run checks the resume: one is enough
+    assert main(["train", *SMALL, "--epochs", "1", "--resume", str(recovery)]) == 0
+    straight = train(tmp_path, "--epochs", "1", name="straight")
+    assert_identical(weights(straight / "last.pth.tar"), weights(run / "last.pth.tar"))
+
+
+def torchrun_training(tmp_path: Path, *args: str) -> None:
+    """Two Gloo processes of ``statten train`` (tests/ddp_worker.py) to the end."""
+    worker = [str(Path(__file__).parent / "ddp_worker.py"), str(tmp_path)]
+    command = [*TORCHRUN, *worker, *SMALL, "--epochs", "1", *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_resumes_exactly(
+    tmp_path: Path,
+) -> None:
+    """torchrun forwards SIGTERM to its workers, which agree on the step to stop at."""
+    run = tmp_path / "train" / "stopped"
+    args = [*STOPPABLE, "--output", str(tmp_path)]
+    process = start_training([*TORCHRUN, STATTEN, "train", *args, "--experiment", "stopped"], run)
+    returncode, reports = stop(process, signal.SIGTERM)
+    assert returncode != 0  # torchrun reports the signal it received as its own failure
+    assert len(reports) == 1 and "stopped by SIGTERM" in reports[0]  # from rank 0 only
+    recovery = run / "recovery.pth.tar"
+    assert recovery.is_file(), (reports, sorted(p.name for p in run.iterdir()))
+    assert read_checkpoint(recovery)["progress"]["batch_in_epoch"] > 0
+    torchrun_training(tmp_path, "--resume", str(recovery))
+    torchrun_training(tmp_path, "--output", str(tmp_path), "--experiment", "straight")
+    straight = tmp_path / "train" / "straight"
+    assert_identical(weights(straight / "last.pth.tar"), weights(run / "last.pth.tar"))
