@@ -9,20 +9,23 @@ is refused with :class:`CheckpointError` before anything in it runs.
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import os
 import pickle
 import re
 import shutil
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from types import NoneType, UnionType
+from typing import Any, Union, get_args, get_origin
 
 import torch
 from torch import nn
 
 from statten.factory import create_model
 from statten.models import get_family
-from statten.models.family import family_of_arch
+from statten.models.family import ModelFamily, family_of_arch
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -173,6 +176,19 @@ def load_checkpoint(
     their values and are logged, as when fine-tuning adds a head.
     """
     checkpoint = read_checkpoint(path_or_state)
+    with _naming(path_or_state):
+        _load_weights(model, checkpoint, strict, use_ema, allow_missing)
+    return checkpoint
+
+
+def _load_weights(
+    model: nn.Module,
+    checkpoint: Mapping[str, Any],
+    strict: bool,
+    use_ema: bool,
+    allow_missing: bool,
+) -> None:
+    """The body of :func:`load_checkpoint`, on a checkpoint already read."""
     target = _unwrapped(model)
     family = get_family(target.family_name)
     state_dict = family.checkpoint_filter_fn(_state_dict_of(checkpoint, use_ema), target)
@@ -180,13 +196,29 @@ def load_checkpoint(
     target.load_state_dict(state_dict, strict=strict and not allow_missing)
     if allow_missing and absent:
         _logger.info("the checkpoint lacks %s: kept as initialised", ", ".join(absent))
-    return checkpoint
+
+
+@contextmanager
+def _naming(path_or_state: PathOrState) -> Iterator[None]:
+    """Prefix each :class:`CheckpointError` raised inside with the file it is about
+    ("checkpoint" for a dict), so that a message read alone says which checkpoint is bad."""
+    source = "checkpoint" if isinstance(path_or_state, Mapping) else os.fspath(path_or_state)
+    try:
+        yield
+    except CheckpointError as err:
+        raise CheckpointError(f"{source}: {err}") from None
 
 
 def _args(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
     """The official training script's ``args`` (a pickled Namespace) as a dict ({} if none)."""
     args = checkpoint.get("args")
-    return vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+    if isinstance(args, argparse.Namespace):
+        return vars(args)
+    if args is None or isinstance(args, Mapping):
+        return dict(args or {})
+    raise CheckpointError(
+        f"its official 'args' is a {type(args).__name__}, not an argparse.Namespace or a dict"
+    )
 
 
 def _architecture(checkpoint: Mapping[str, Any]) -> str:
@@ -204,33 +236,122 @@ def _architecture(checkpoint: Mapping[str, Any]) -> str:
         ) from None
 
 
-def model_config_from_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
-    """The model keyword arguments a checkpoint was trained with (statten or official format)."""
-    if isinstance(checkpoint.get("model_config"), Mapping):
-        return dict(checkpoint["model_config"])
-    if "args" not in checkpoint:
-        raise CheckpointError(
-            "the checkpoint carries no model configuration (neither statten's 'model_config' "
-            "nor the official 'args'); build the model yourself and use load_checkpoint"
-        )
+def model_config_from_checkpoint(path_or_state: PathOrState) -> dict[str, Any]:
+    """The model keyword arguments a checkpoint (file or dict, statten or official format) was
+    trained with; a :class:`CheckpointError` naming the file if they do not make a model."""
+    checkpoint = read_checkpoint(path_or_state)
+    with _naming(path_or_state):
+        return _model_config(checkpoint, overrides={})
+
+
+def _model_config(checkpoint: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """The checkpoint's model configuration updated by ``overrides``, checked."""
     family = get_family(_architecture(checkpoint))
+    config = {**_stored_model_config(family, checkpoint), **overrides}
+    _check_model_config(family, config, _config_label(overrides))
+    return config
+
+
+def _config_label(overrides: Mapping[str, Any]) -> str:
+    """How errors name the configuration: the checkpoint's, or the checkpoint's overridden."""
+    return "model configuration" + (f" with the overrides {dict(overrides)}" if overrides else "")
+
+
+def _stored_model_config(family: ModelFamily, checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """The model arguments stored in the checkpoint: statten's or the official ``args``'."""
+    if "model_config" in checkpoint:
+        config = checkpoint["model_config"]
+        if not isinstance(config, Mapping):
+            raise CheckpointError(
+                f"its model_config is a {type(config).__name__}, not a dict of model arguments"
+            )
+        return dict(config)
+    if "args" in checkpoint:
+        return _reference_config(family, checkpoint)
+    raise CheckpointError(
+        "the checkpoint carries no model configuration (neither statten's 'model_config' "
+        "nor the official 'args'); build the model yourself and use load_checkpoint"
+    )
+
+
+def _reference_config(family: ModelFamily, checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """The model arguments the official training script built from its stored ``args``."""
+    args = _args(checkpoint)
     try:
-        return family.reference_kwargs(_args(checkpoint))
-    except (KeyError, ValueError) as err:
-        raise CheckpointError(
-            f"official {family.name} checkpoint args: cannot read {err}"
-        ) from None
+        return family.reference_kwargs(args)
+    except KeyError as err:
+        raise CheckpointError(f"official {family.name} checkpoint args lack {err}") from None
+    except (TypeError, ValueError) as err:
+        unset = sorted(key for key, value in args.items() if value is None)
+        hint = f" (args set to None: {', '.join(unset)})" if unset else ""
+        raise CheckpointError(f"official {family.name} checkpoint args: {err}{hint}") from None
+
+
+def _check_model_config(family: ModelFamily, config: Mapping[str, Any], label: str) -> None:
+    """Refuse a model configuration the family's constructor cannot take: unknown keys, values
+    of the wrong type (``img_size: None`` where an int is needed), values its checks refuse."""
+    parameters = inspect.signature(family.model_class, eval_str=True).parameters
+    wrong = [
+        f"{name}={value!r} (expected {_type_name(parameters[name].annotation)})"
+        for name, value in config.items()
+        if name in parameters and not _has_annotated_type(value, parameters[name].annotation)
+    ]
+    if wrong:
+        raise CheckpointError(f"{label}: wrong type for {', '.join(wrong)}")
+    try:
+        family.validate(config)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{label}: {err}") from None
+
+
+_SCALAR_TYPES = (bool, int, float, str, NoneType)
+
+
+def _has_annotated_type(value: Any, annotation: Any) -> bool:
+    """Whether ``value`` fits a scalar (or optional scalar) ``annotation``, an int also where a
+    float is asked; other annotations (sequences, ...) are left to the family's checks."""
+    optional = get_origin(annotation) in (Union, UnionType)
+    types = get_args(annotation) if optional else (annotation,)
+    if not all(t in _SCALAR_TYPES for t in types):
+        return True
+    if isinstance(value, bool):
+        return bool in types
+    if isinstance(value, int) and float in types:
+        return True
+    return isinstance(value, types)
+
+
+def _type_name(annotation: Any) -> str:
+    """``int`` for ``int``, ``int | None`` for ``int | None``."""
+    return getattr(annotation, "__name__", str(annotation))
 
 
 def create_model_from_checkpoint(
     path_or_state: PathOrState, use_ema: bool = False, **overrides: Any
 ) -> nn.Module:
-    """Build the model a checkpoint describes and load its weights (``overrides`` win)."""
+    """Build the model a checkpoint describes and load its weights (``overrides`` win).
+
+    A configuration the model cannot be built from, or weights that do not fit it, raise
+    :class:`CheckpointError` naming the file ("checkpoint" for a dict) and the problem.
+    """
     checkpoint = read_checkpoint(path_or_state)
-    config = {**model_config_from_checkpoint(checkpoint), **overrides}
-    model = create_model(_architecture(checkpoint), **config)
-    load_checkpoint(model, checkpoint, strict=True, use_ema=use_ema)
+    with _naming(path_or_state):
+        arch = _architecture(checkpoint)
+        config = _model_config(checkpoint, overrides)
+        model = _build(arch, config, _config_label(overrides))
+        _load_weights(model, checkpoint, strict=True, use_ema=use_ema, allow_missing=False)
     return model
+
+
+def _build(arch: str, config: dict[str, Any], label: str) -> nn.Module:
+    """``create_model(arch, **config)``, its failure a :class:`CheckpointError`: the constructor
+    rejects what the family's checks let through (a negative size, ...)."""
+    try:
+        return create_model(arch, **config)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(
+            f"cannot build {arch} from its {label}: {type(err).__name__}: {err}"
+        ) from None
 
 
 def save_checkpoint(checkpoint: Mapping[str, Any], path: str | os.PathLike) -> None:
@@ -243,8 +364,6 @@ def save_checkpoint(checkpoint: Mapping[str, Any], path: str | os.PathLike) -> N
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             torch.save(dict(checkpoint), f)
-            f.flush()
-            os.fsync(f.fileno())
 
     _replace_atomically(os.fspath(path), write)
 
@@ -263,20 +382,18 @@ def link_checkpoint(source: str | os.PathLike, path: str | os.PathLike) -> None:
 
 
 def _replace_atomically(path: str, write: Callable[[str], None]) -> None:
-    """``write`` a temporary file beside ``path``, then rename it over ``path`` and fsync the
-    folder; on failure remove the temporary file, leave ``path`` as it was, and raise
+    """``write`` a temporary file beside ``path``, fsync it, rename it over ``path`` and fsync
+    the folder, so that after a crash or a power loss ``path`` is the old file or the whole new
+    one; on failure remove the temporary file, leave ``path`` as it was, and raise
     :class:`CheckpointError`."""
     directory = os.path.dirname(os.path.abspath(path))
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         os.makedirs(directory, exist_ok=True)
         write(tmp)
+        _fsync(tmp)  # the data is on disk before the name points at it
         os.replace(tmp, path)
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _fsync(directory)  # and so is the rename
     except OSError as err:
         raise CheckpointError(
             f"cannot write checkpoint {path}: {err.strerror or err}; any previous {path} is intact"
@@ -284,3 +401,12 @@ def _replace_atomically(path: str, write: Callable[[str], None]) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _fsync(path: str) -> None:
+    """Flush the file or folder ``path`` to disk (a read-only descriptor suffices on POSIX)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -69,8 +69,9 @@ _PACKAGE = Path(__file__).resolve().parent
 RECIPES_DIR = _PACKAGE / "conf" if (_PACKAGE / "conf").is_dir() else _PACKAGE.parent / "conf"
 DEFAULT_CONFIG = RECIPES_DIR / "digits" / "default.yml"
 _logger = logging.getLogger("statten.config")
-# Settings of the machine a command runs on, not of the run: never read from a checkpoint.
-MACHINE_SETTINGS = ("device", "local_rank")
+# Never read from a checkpoint's stored configuration: the machine's own settings, and what
+# applies once at the start of a run (not again when it is resumed).
+NOT_RESTORED = ("device", "local_rank", "start_epoch", "initial_checkpoint")
 TRUE_WORDS = frozenset({"1", "true", "t", "yes", "y", "on"})
 FALSE_WORDS = frozenset({"0", "false", "f", "no", "n", "off"})
 TYPE_NAMES = {int: "an integer", float: "a number", str: "a string"}
@@ -112,6 +113,33 @@ MINIMUMS = {
 FRACTIONS = ("hflip", "vflip", "reprob", "mixup_prob", "mixup_switch_prob", "TET_lamb",
              "model_ema_decay", "bn_momentum")  # fmt: skip
 BELOW_ONE = ("drop_path", "drop", "drop_block", "smoothing")
+# Flags of the reference statten does not implement, with why: set to anything but their default,
+# they stop the run (so no flag is parsed and then silently ignored).
+UNSUPPORTED = {
+    "pretrained": "no pretrained weights are published for these models; use "
+    "--initial-checkpoint FILE",
+    "torchscript": "the spiking neurons' autograd functions cannot be scripted; use "
+    "statten.fast or torch.compile",
+    "epoch_repeats": "one epoch is one pass over the data; raise --epochs instead",
+    "jsd": "the JSD loss of AugMix is not implemented",
+    "split_bn": "split BatchNorm for augmentation splits is not implemented",
+    "bn_tf": "the models' BatchNorm settings follow the reference models",
+    "bn_eps": "a checkpoint does not record it, so evaluation would differ from training",
+    "tta": "test-time augmentation is not implemented",
+    "log_wandb": "Weights & Biases logging is not implemented; the run folder has TensorBoard "
+    "logs and summary.csv",
+    "drop": "no model family has dropout (the reference models do not use it)",
+    "drop_connect": "no model family uses it (--drop-path is stochastic depth)",
+    "drop_block": "no model family uses drop-block",
+    "patch_size": "each family's patch embedding is fixed by its architecture",
+    "gp": "each family's head pools by its own rule (the token mean)",
+    "use_multi_epochs_loader": "persistent loader workers would break exact resume",
+    "large_valid": "the 320/288 ImageNet evaluation is not implemented; use --input-size and "
+    "--crop-pct",
+    "train_split_path": "training subsets by index files are not implemented",
+    "save_images": "saving input batches is not implemented",
+    "save_qkv": "use statten profile (firing rates) or statten.analysis.SpikeRecorder",
+}
 
 
 class ConfigError(ValueError):
@@ -225,11 +253,11 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     _add(g, "--TET-means", 1.0, "TET: target phi of the MSE regulariser", type=float)
     _add(g, "--TET-lamb", 0.0, "TET: weight lambda of the MSE regulariser", type=float)
     _add(g, "--drop-path", 0.0, "stochastic depth (the reference never applied it)", type=float)
-    _add(g, "--drop", 0.0, "dropout rate (unused by sdt)", type=float)
-    _add(g, "--drop-connect", None, "deprecated timm name of --drop-path (unused)", type=float)
-    _add(g, "--drop-block", None, "drop-block rate (unused by sdt)", type=float)
-    _add(g, "--patch-size", None, "patch size (unused by sdt)", type=int)
-    _add(g, "--gp", None, "global pooling (unused by sdt: token mean)")
+    _add(g, "--drop", 0.0, "dropout rate", type=float)
+    _add(g, "--drop-connect", None, "deprecated timm name of --drop-path", type=float)
+    _add(g, "--drop-block", None, "drop-block rate", type=float)
+    _add(g, "--patch-size", None, "patch size", type=int)
+    _add(g, "--gp", None, "global pooling")
     _flag(g, "--pretrained", "start from the model's pretrained weights")
     _add(
         g,
@@ -394,8 +422,8 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
     _add(g, "--tta", 0, "test-time augmentation factor (0: none)", type=int)
     _flag(g, "--amp", "mixed precision (native torch autocast; CUDA only, fp32 elsewhere)")
     _add(g, "--amp-dtype", "float16", "autocast dtype of --amp", choices=("float16", "bfloat16"))
-    _flag(g, "--apex-amp", "NVIDIA Apex mixed precision (falls back to native)")
-    _flag(g, "--native-amp", "native torch mixed precision")
+    _flag(g, "--apex-amp", "the reference's Apex mixed precision: here the same as --amp")
+    _flag(g, "--native-amp", "the reference's native mixed precision: the same as --amp")
     _flag(g, "--channels-last", "channels_last memory layout")
     _flag(
         g,
@@ -440,6 +468,9 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         _add_run_args,
     ):
         add(parser)
+    for action in _actions(parser):
+        if action.dest in UNSUPPORTED:
+            action.help = f"{action.help}; not supported: {UNSUPPORTED[action.dest]}"
     return parser
 
 
@@ -592,9 +623,15 @@ def _unknown_argument_error(extras: Sequence[str], parser: argparse.ArgumentPars
     return ConfigError(f"unknown option {name}{_closest(name, options)}")
 
 
+def _apply_aliases(cfg: argparse.Namespace) -> None:
+    """The reference's --apex-amp and --native-amp both switch on mixed precision (torch's)."""
+    cfg.amp = cfg.amp or cfg.apex_amp or cfg.native_amp
+
+
 def _check_values(cfg: argparse.Namespace) -> None:
     """Raise :class:`ConfigError` for out-of-range or inconsistent settings."""
     _check_ranges(cfg)
+    _check_supported(cfg)
     if cfg.dim % cfg.num_heads:
         raise ConfigError(f"dim={cfg.dim} is not divisible by num_heads={cfg.num_heads}")
     _check_device(cfg.device)
@@ -637,6 +674,14 @@ def _check_ranges(cfg: argparse.Namespace) -> None:
     for key in BELOW_ONE:
         check(key, lambda v: 0 <= v < 1, "at least 0 and below 1")
     check("aug_splits", lambda v: v == 0 or v >= 2, "0 (off) or >= 2")
+
+
+def _check_supported(cfg: argparse.Namespace) -> None:
+    """Refuse a reference flag statten does not implement when it is set (see UNSUPPORTED)."""
+    parser = build_parser("train")
+    for key, why in UNSUPPORTED.items():
+        if getattr(cfg, key) != parser.get_default(key):
+            raise ConfigError(f"--{key.replace('_', '-')} is not supported: {why}")
 
 
 def _check_timm_names(cfg: argparse.Namespace) -> None:
@@ -690,6 +735,7 @@ def parse_config(argv: Sequence[str] | None, command: str) -> argparse.Namespace
     cfg, extras = parser.parse_known_args(argv)
     if extras:
         raise _unknown_argument_error(extras, parser)
+    _apply_aliases(cfg)
     _check_values(cfg)
     return cfg
 
@@ -699,6 +745,7 @@ def config_from_dict(values: Mapping[str, Any], command: str) -> argparse.Namesp
     parser = build_parser(command)
     parser.set_defaults(**_values_from_mapping(values, parser, "config"))
     cfg = parser.parse_args([])
+    _apply_aliases(cfg)
     _check_values(cfg)
     return cfg
 
@@ -757,7 +804,7 @@ def resolve_config(argv: Sequence[str] | None, command: str) -> argparse.Namespa
     Normally :func:`parse_config`. With ``--resume`` of a statten checkpoint and no ``-c``, the
     configuration stored in the checkpoint takes the place of the recipe, so a resumed run
     continues the same run and a test evaluates what was trained; typed flags still override it.
-    The machine's own settings (device, local rank) are never taken from the checkpoint.
+    The machine's own settings and one-off starts (:data:`NOT_RESTORED`) are not taken from it.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg = parse_config(argv, command)
@@ -766,7 +813,7 @@ def resolve_config(argv: Sequence[str] | None, command: str) -> argparse.Namespa
     stored = stored_config(cfg.resume)
     if stored is None:
         return cfg
-    run_settings = {k: v for k, v in stored.items() if k not in MACHINE_SETTINGS}
+    run_settings = {k: v for k, v in stored.items() if k not in NOT_RESTORED}
     try:
         return config_from_dict({**run_settings, **typed_options(argv, command)}, command)
     except ConfigError as err:

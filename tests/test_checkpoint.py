@@ -3,17 +3,33 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from conftest import DATA
 
 import statten
-from statten.checkpoint import CheckpointError, read_checkpoint
+from statten.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CheckpointError,
+    link_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
+from statten.cli import main
+from statten.engine.trainer import _remove_stale_temporaries
 
 OFFICIAL = DATA / "static_statten_official_format.pth.tar"
+WRITER = Path(__file__).parent / "checkpoint_writer.py"
 
 
 class _Payload:
@@ -125,3 +141,174 @@ def test_a_truncated_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     path.write_bytes(whole[: len(whole) // 2])
     with pytest.raises(statten.CheckpointError, match=r"truncated or not written by torch\.save"):
         statten.checkpoint.read_checkpoint(path)
+
+
+def _statten_format(
+    model_config_changes: dict[str, Any] | None = None, **entries: Any
+) -> dict[str, Any]:
+    """The official weights in statten's own checkpoint format (as the trainer writes it), its
+    model configuration updated by ``model_config_changes``, its entries by ``entries``."""
+    official = read_checkpoint(OFFICIAL)
+    model_config = statten.model_config_from_checkpoint(official)
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "arch": "sdt",
+        "model_config": {**model_config, **(model_config_changes or {})},
+        "config": {},
+        "state_dict": official["state_dict"],
+        **entries,
+    }
+
+
+def _official_format(drop: tuple[str, ...] = (), **args_changes: Any) -> dict[str, Any]:
+    """The official checkpoint without the entries ``drop``, its ``args`` updated."""
+    checkpoint = read_checkpoint(OFFICIAL)
+    checkpoint["args"] = argparse.Namespace(**{**vars(checkpoint["args"]), **args_changes})
+    return {key: value for key, value in checkpoint.items() if key not in drop}
+
+
+BAD_CONFIGURATIONS = [
+    pytest.param(
+        lambda: _statten_format({"bogus": 1}),
+        r"sdt models take no argument bogus",
+        id="unknown-key",
+    ),
+    pytest.param(
+        lambda: _statten_format({"img_size": None}),
+        r"wrong type for img_size=None \(expected int\)",
+        id="img_size-None",
+    ),
+    pytest.param(
+        lambda: _statten_format({"depths": "two"}),
+        r"wrong type for depths='two' \(expected int\)",
+        id="wrong-type",
+    ),
+    pytest.param(
+        lambda: _statten_format(model_config=[64, 2]),
+        r"its model_config is a list, not a dict",
+        id="model_config-not-a-dict",
+    ),
+    pytest.param(
+        lambda: _statten_format(arch="resnet50"),
+        r"unknown model 'resnet50'; statten provides",
+        id="unknown-arch",
+    ),
+    pytest.param(
+        lambda: _official_format(img_size=None),
+        r"official sdt checkpoint args: .*\(args set to None: img_size\)",
+        id="official-img_size-None",
+    ),
+    pytest.param(
+        lambda: _official_format(dim=-1),
+        r"embed_dims=-1 is not divisible by num_heads=8",
+        id="official-negative-dim",
+    ),
+    pytest.param(
+        lambda: _official_format(drop=("arch",), model="vit_small"),
+        r"unknown model 'vit_small'; statten provides",
+        id="official-unknown-arch",
+    ),
+    pytest.param(
+        lambda: {**_official_format(), "args": ["--dim", "64"]},
+        r"official 'args' is a list, not an argparse.Namespace or a dict",
+        id="official-args-not-a-namespace",
+    ),
+]
+
+
+@pytest.mark.parametrize(("make_checkpoint", "problem"), BAD_CONFIGURATIONS)
+def test_a_bad_model_configuration_is_an_error_naming_the_file(
+    tmp_path: Path, make_checkpoint: Callable[[], dict[str, Any]], problem: str
+) -> None:
+    path = tmp_path / "bad.pth.tar"
+    torch.save(make_checkpoint(), path)
+    for read in (statten.model_config_from_checkpoint, statten.create_model_from_checkpoint):
+        with pytest.raises(CheckpointError, match=problem) as error:
+            read(path)
+        assert str(error.value).startswith(f"{path}: "), read.__name__
+
+
+def test_a_configuration_the_model_cannot_be_built_from_is_an_error_naming_the_file(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "negative.pth.tar"
+    torch.save(_statten_format({"embed_dims": -8}), path)  # passes the family's checks
+    with pytest.raises(CheckpointError, match=r"cannot build sdt .*negative dimension") as error:
+        statten.create_model_from_checkpoint(path)
+    assert str(error.value).startswith(f"{path}: ")
+
+
+def test_a_checkpoint_given_as_a_dict_is_named_checkpoint_and_overrides_can_repair_it() -> None:
+    statten.create_model_from_checkpoint(_statten_format())
+    unsized = _statten_format({"img_size": None})
+    with pytest.raises(CheckpointError, match=r"^checkpoint: model configuration: wrong type"):
+        statten.create_model_from_checkpoint(unsized)
+    assert statten.create_model_from_checkpoint(unsized, img_size=32).img_size == 32
+
+
+def test_statten_test_of_a_bad_checkpoint_prints_one_line_and_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "bad.pth.tar"
+    torch.save(_official_format(img_size=None), path)
+    args = ["--resume", str(path), "--dataset", "digits", "--device", "cpu", "--workers", "0"]
+    assert main(["test", *args]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("statten test: error: ") and "img_size" in lines[0]
+
+
+def test_a_kill_inside_a_checkpoint_write_leaves_the_previous_checkpoint(tmp_path: Path) -> None:
+    path, marker = tmp_path / "last.pth.tar", tmp_path / "half-written"
+    writer = subprocess.Popen([sys.executable, str(WRITER), str(path), str(marker)])
+    try:
+        deadline = time.time() + 120
+        while not marker.exists():
+            assert writer.poll() is None, "the writer ended before pausing inside its second save"
+            assert time.time() < deadline, "the writer never reached its second save"
+            time.sleep(0.05)
+    finally:
+        writer.kill()
+        writer.wait()
+    assert writer.returncode == -signal.SIGKILL
+    assert read_checkpoint(path)["generation"] == 1
+    half_written = tmp_path / f"last.pth.tar.tmp-{writer.pid}"
+    assert half_written.stat().st_size > 0
+    with pytest.raises(CheckpointError, match=r"truncated or not written by torch\.save"):
+        read_checkpoint(half_written)
+    _remove_stale_temporaries(tmp_path)  # what the next statten train does first
+    assert sorted(tmp_path.iterdir()) == [marker, path]
+
+
+def _no_hard_links(source: str, destination: str) -> None:
+    raise OSError(errno.EPERM, "hard links not supported")
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names descriptors via /proc")
+@pytest.mark.parametrize("writer", ["save", "copy"])
+def test_a_checkpoint_is_on_disk_before_its_name_and_its_name_is_on_disk_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writer: str
+) -> None:
+    source, path = tmp_path / "source.pth.tar", tmp_path / "last.pth.tar"
+    save_checkpoint({"step": 1}, source)
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(source: str, destination: str) -> None:
+        events.append(("rename", os.path.realpath(source)))
+        real_replace(source, destination)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    if writer == "save":
+        save_checkpoint({"step": 2}, path)
+    else:
+        monkeypatch.setattr(os, "link", _no_hard_links)  # a file system that copies
+        link_checkpoint(source, path)
+    temporary = os.path.realpath(f"{path}.tmp-{os.getpid()}")
+    directory = os.path.realpath(tmp_path)
+    assert events == [("fsync", temporary), ("rename", temporary), ("fsync", directory)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -497,3 +498,52 @@ def test_a_stale_stored_configuration_names_the_checkpoint(tmp_path: Path) -> No
     save_checkpoint(stored, checkpoint)
     with pytest.raises(ConfigError, match=f"stored in {checkpoint}: unknown key 'retired_option'"):
         resolve_config(["--resume", checkpoint], "test")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--pretrained"], ["--tta", "2"], ["--torchscript"], ["--log-wandb"], ["--jsd"],
+     ["--drop", "0.1"], ["--bn-eps", "1e-3"], ["--epoch-repeats", "2"], ["--save-qkv"]],
+)  # fmt: skip
+def test_reference_flags_statten_does_not_implement_are_refused_when_set(argv: list[str]) -> None:
+    with pytest.raises(ConfigError, match=f"{argv[0]} is not supported: "):
+        parse_config(argv, "test")
+
+
+# Flags that are accepted and have nothing to do here: launchers set --local-rank (statten reads
+# LOCAL_RANK), statten's loaders have no prefetcher to disable, -c and --debug act in the CLI.
+NOTHING_TO_DO = {"local_rank", "no_prefetcher", "config", "debug"}
+
+
+def test_every_flag_is_read_or_refused() -> None:
+    """No flag is parsed and then ignored: each is read by the package (or by timm's optimizer
+    and scheduler arguments), or refused when set (UNSUPPORTED), or has nothing to do."""
+    import inspect
+
+    from timm.optim import optimizer_kwargs
+    from timm.scheduler import scheduler_kwargs
+
+    package = Path(statten.__file__).parent
+    sources = [p.read_text() for p in package.rglob("*.py") if p.name != "config.py"]
+    sources += [inspect.getsource(optimizer_kwargs), inspect.getsource(scheduler_kwargs)]
+    text, config_text = "\n".join(sources), Path(config_module.__file__).read_text()
+
+    def read(dest: str) -> bool:
+        return bool(
+            re.search(rf"(cfg\.|args\.|[\"']){dest}\b", text)
+            or re.search(rf"cfg\.{dest}\b", config_text)
+        )
+
+    ignored = [
+        action.dest
+        for action in build_parser("train")._actions
+        if action.dest not in {"help", *NOTHING_TO_DO, *config_module.UNSUPPORTED}
+        and not read(action.dest)
+    ]
+    assert ignored == []
+
+
+def test_apex_and_native_amp_mean_amp() -> None:
+    assert parse_config(["--apex-amp"], "train").amp is True
+    assert parse_config(["--native-amp"], "train").amp is True
+    assert parse_config([], "train").amp is False

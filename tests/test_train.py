@@ -364,3 +364,20 @@ def test_train_resume_needs_only_the_checkpoint(tmp_path: Path) -> None:
     final = read_checkpoint(run / "last.pth.tar")
     assert final["progress"]["epoch"] == 2
     assert (final["config"]["smoothing"], final["config"]["batch_size"]) == (0.2, 64)
+
+
+def test_start_epoch_begins_there_with_the_schedule_moved(tmp_path: Path) -> None:
+    run = train(tmp_path, "--epochs", "3", "--start-epoch", "2", "--log-interval", "5")
+    rows = (run / "summary.csv").read_text().splitlines()[1:]
+    assert [row.split(",")[0] for row in rows] == ["2"]
+    assert read_checkpoint(run / "last.pth.tar")["progress"]["epoch"] == 3
+    log = (run / "log.txt").read_text()
+    assert "[5/22]" in log and "[20/22]" in log and "[3/22]" not in log  # --log-interval 5
+
+
+def test_bn_momentum_reaches_every_batchnorm() -> None:
+    cfg = parse_config([*SMALL, "--bn-momentum", "0.3"], "train")
+    with torch.device("meta"):
+        trainer = Trainer(cfg, DistributedContext(0, 1, 0, torch.device("meta")))
+    norms = [m for m in trainer.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(m.momentum == 0.3 for m in norms)

@@ -125,6 +125,10 @@ class Trainer:
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if ctx.distributed and cfg.sync_bn:
+        if cfg.bn_momentum is not None:  # as timm's create_model(bn_momentum=...)
+            for module in self.model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.momentum = cfg.bn_momentum
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         if cfg.initial_checkpoint:  # as timm's and the official scripts do
             load_checkpoint(self.model, cfg.initial_checkpoint, allow_missing=True)
@@ -186,6 +190,14 @@ class Trainer:
             "resumed from %s at epoch %d, batch %d (step %d)",
             path, self.progress.epoch, self.progress.batch_in_epoch, self.progress.step,
         )  # fmt: skip
+
+    def start_at(self, epoch: int) -> None:
+        """``--start-epoch``: begin (or resume) at ``epoch``, with the learning-rate schedule
+        moved there, as timm's training script does."""
+        self.progress.epoch, self.progress.batch_in_epoch = epoch, 0
+        self.progress.step = epoch * len(self.train_loader)
+        self.scheduler.step(epoch)
+        _logger.info("starting at epoch %d (--start-epoch)", epoch)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _checkpoint(self, metric: float | None) -> dict[str, Any]:
@@ -257,7 +269,7 @@ class Trainer:
                 pass
             restore_rng_state(rng)
         total = len(self.train_loader)
-        bar = _progress_bar(self.ctx, total, skip, epoch)
+        bar = _progress_bar(self.ctx, total, skip, epoch, self.cfg.log_interval)
         loss_sum, seen, start = 0.0, 0, time.time()
         recovery_every = int(self.cfg.recovery_interval or 0)
         for images, targets in batches:
@@ -395,12 +407,14 @@ class Trainer:
 class _progress_bar:
     """tqdm bar on the primary rank when attached to a terminal; periodic log lines otherwise."""
 
-    def __init__(self, ctx: DistributedContext, total: int, initial: int, epoch: int) -> None:
+    def __init__(
+        self, ctx: DistributedContext, total: int, initial: int, epoch: int, interval: int
+    ) -> None:
         self.enabled = ctx.is_primary
         self.total = total
         self.epoch = epoch
         self.bar = None
-        self.interval = max(total // 10, 1)
+        self.interval = interval
         if self.enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -525,6 +539,8 @@ def _remove_stale_temporaries(output_dir: Path) -> None:
 
 __all__ = [
     "Trainer",
+        if cfg.start_epoch is not None:
+            trainer.start_at(cfg.start_epoch)
     "TrainingError",
     "autocast_for",
     "dry_run",
