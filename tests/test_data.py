@@ -360,7 +360,7 @@ def test_skip_corrupt_replaces_the_image_with_a_warning_and_a_count(tmp_path: Pa
     write_tree(tmp_path, {"train": {"cat": 1, "dog": 2}, "val": {"cat": 1, "dog": 1}})
     not_an_image, truncated = write_corrupt_images(tmp_path)
     assert parse_config(["--skip-corrupt"], "train").skip_corrupt
-    cfg = folder_cfg(tmp_path, batch_size=5, skip_corrupt=True, no_aug=True, hflip=0.0)
+    cfg = folder_cfg(tmp_path, batch_size=5, skip_corrupt=True, no_aug=True, hflip=0.0, workers=0)
     loader = create_loaders(cfg)[0]
     with pytest.warns(UserWarning) as caught:
         images, _ = next(iter(loader))
@@ -389,3 +389,14 @@ def test_a_training_split_smaller_than_a_batch_is_an_error(tmp_path: Path) -> No
     write_tree(tmp_path, {"train": {"cat": 1, "dog": 1}, "val": {"cat": 1, "dog": 1}})
     with pytest.raises(DatasetNotFoundError, match="2 samples, fewer than --batch-size 4"):
         create_loaders(folder_cfg(tmp_path, batch_size=4))
+
+
+def test_a_partial_config_takes_the_parsers_defaults() -> None:
+    """One source of defaults: what the data package assumes for a missing attribute is what
+    `statten train` would use, except the settings that are not flags or left to the dataset."""
+    from statten.config import build_parser
+    from statten.data.options import NOT_FLAGS, option
+
+    for action in build_parser("train")._actions:
+        if action.dest not in {"help", *NOT_FLAGS}:
+            assert option(Namespace(), action.dest) == action.default, action.dest

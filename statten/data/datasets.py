@@ -310,7 +310,7 @@ def _open_folder(cfg: Namespace, data_cfg: dict[str, Any], training: bool) -> Da
     check_num_classes(cfg, len(classes), source)
     samples = _labelled((path, images), classes, source)
     mode = "L" if data_cfg["input_size"][0] == 1 else "RGB"
-    return ImageFolderDataset(samples, mode, getattr(cfg, "skip_corrupt", False))
+    return ImageFolderDataset(samples, mode, option(cfg, "skip_corrupt"))
 
 
 def _event_dataset(cfg: Namespace, data_cfg: dict[str, Any], training: bool) -> Dataset:
