@@ -16,12 +16,17 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import tomllib
 import zipfile
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
 
 from statten import config as config_module
 from statten.config import ConfigError, build_parser, parse_config
@@ -33,6 +38,12 @@ RECIPE = "conf/cifar10/2_512_200E_t4.yml"
 KEYS = ("dataset", "num_classes", "opt", "lr", "epochs", "sched", "dim", "layer", "time_steps")
 # Copied to build the wheel: what the build reads (the project's metadata, code and recipes).
 SOURCES = ("pyproject.toml", "README.md", "MANIFEST.in", "statten", "conf")
+# The oldest release of each dependency with every API statten calls (pyproject.toml says more).
+API_FLOORS = {
+    "torch": "2.5",  # torch.serialization.safe_globals
+    "timm": "1.0.12",  # NativeScaler(device=...)
+    "spikingjelly": "2.0",  # spikingjelly.datasets.cifar10_dvs._load_origin_data
+}
 PIP = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
 
 CHECK = textwrap.dedent(
@@ -180,3 +191,54 @@ def test_a_missing_default_recipe_is_reported(
     with caplog.at_level(logging.WARNING, logger="statten.config"):
         parse_config(["-c", str(ROOT / RECIPE)], "train")
     assert not caplog.records  # with -c the default recipe is not needed
+
+
+def _project() -> dict[str, Any]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def _floor(specifier: SpecifierSet) -> Version | None:
+    floors = [Version(s.version) for s in specifier if s.operator in (">=", "==", "~=")]
+    return max(floors, default=None)
+
+
+def _declared() -> dict[str, Requirement]:
+    requirements = (Requirement(line) for line in _project()["dependencies"])
+    return {r.name.lower(): r for r in requirements}
+
+
+def test_declared_minimums_provide_the_apis_statten_calls() -> None:
+    declared = _declared()
+    for name, oldest in API_FLOORS.items():
+        floor = _floor(declared[name].specifier)
+        assert floor is not None and floor >= Version(oldest), f"{name}: {declared[name]}"
+
+
+def test_declared_minimums_are_installable_together() -> None:
+    """Where the installed release of a dependency is statten's minimum, what that release
+    requires (Python, and packages statten also names) is not below statten's own minimums:
+    e.g. SpikingJelly 2.0 needs Python 3.11 and torch 2.6."""
+    declared = _declared()
+    python_floor = _floor(SpecifierSet(_project()["requires-python"]))
+    checked = 0
+    for name, requirement in declared.items():
+        floor = _floor(requirement.specifier)
+        if floor is None or Version(metadata.version(name)) != floor:
+            continue
+        checked += 1
+        meta = metadata.metadata(name)
+        needs_python = _floor(SpecifierSet(meta.get("Requires-Python") or ""))
+        assert needs_python is None or python_floor >= needs_python, (name, needs_python)
+        for line in meta.get_all("Requires-Dist") or []:
+            needed = Requirement(line)
+            if needed.marker is None and needed.name.lower() in declared:
+                ours = _floor(declared[needed.name.lower()].specifier)
+                theirs = _floor(needed.specifier)
+                assert theirs is None or (ours is not None and ours >= theirs), (name, line)
+    assert checked, "no dependency is installed at its minimum version"
+
+
+def test_the_environment_satisfies_the_declared_requirements() -> None:
+    for name, requirement in _declared().items():
+        installed = metadata.version(name)
+        assert requirement.specifier.contains(installed, prereleases=True), (name, installed)
