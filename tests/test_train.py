@@ -381,3 +381,11 @@ def test_bn_momentum_reaches_every_batchnorm() -> None:
         trainer = Trainer(cfg, DistributedContext(0, 1, 0, torch.device("meta")))
     norms = [m for m in trainer.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert norms and all(m.momentum == 0.3 for m in norms)
+
+
+def test_amp_on_cpu_trains_in_fp32_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    cfg = parse_config([*SMALL, "--amp"], "train")
+    with caplog.at_level("WARNING", logger="statten.train"):
+        trainer = Trainer(cfg, DistributedContext(0, 1, 0, torch.device("cpu")))
+    assert "--amp applies on CUDA only: training on cpu in fp32" in caplog.text
+    assert trainer.scaler is None
