@@ -105,9 +105,7 @@ def autocast_for(
 ) -> contextlib.AbstractContextManager:
     """bf16/fp16 autocast on CUDA when ``--amp`` is set; fp32 everywhere else."""
     if cfg.amp and device.type == "cuda":
-        dtype = (
-            torch.bfloat16 if cfg.amp_dtype == "bfloat16" else torch.float16
-        )
+        dtype = torch.bfloat16 if cfg.amp_dtype == "bfloat16" else torch.float16
         return torch.autocast("cuda", dtype=dtype)
     return contextlib.nullcontext()
 
@@ -125,11 +123,11 @@ class Trainer:
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if ctx.distributed and cfg.sync_bn:
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         if cfg.bn_momentum is not None:  # as timm's create_model(bn_momentum=...)
             for module in self.model.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.momentum = cfg.bn_momentum
-            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         if cfg.initial_checkpoint:  # as timm's and the official scripts do
             load_checkpoint(self.model, cfg.initial_checkpoint, allow_missing=True)
         if cfg.linear_prob:  # the reference's --linear-prob
@@ -507,6 +505,8 @@ def run_training(cfg: argparse.Namespace) -> Trainer:
         _setup_logging(trainer.output_dir if ctx.is_primary else None)
         if checkpoint is not None:
             trainer.resume(checkpoint, cfg.resume)
+        if cfg.start_epoch is not None:
+            trainer.start_at(cfg.start_epoch)
         if ctx.is_primary:
             save_config(cfg, trainer.output_dir / "args.yaml")
             _logger.info(
@@ -539,8 +539,6 @@ def _remove_stale_temporaries(output_dir: Path) -> None:
 
 __all__ = [
     "Trainer",
-        if cfg.start_epoch is not None:
-            trainer.start_at(cfg.start_epoch)
     "TrainingError",
     "autocast_for",
     "dry_run",
