@@ -418,6 +418,14 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
         "optimizer steps between recovery checkpoints (0: off)",
         type=int,
     )
+    _add(
+        g,
+        "--dist-timeout",
+        1800,
+        "seconds a process of a distributed run waits for the others in a collective before "
+        "stopping with an error (a rank died or hangs)",
+        type=int,
+    )
     _add(g, "--log-interval", 100, "batches between log lines", type=int)
     _add(g, "--tta", 0, "test-time augmentation factor (0: none)", type=int)
     _flag(g, "--amp", "mixed precision (native torch autocast; CUDA only, fp32 elsewhere)")

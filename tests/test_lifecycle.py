@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -87,3 +89,38 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_resumes_exactly(
     torchrun_training(tmp_path, "--output", str(tmp_path), "--experiment", "straight")
     straight = tmp_path / "train" / "straight"
     assert_identical(weights(straight / "last.pth.tar"), weights(run / "last.pth.tar"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("fault", ["hang", "exit"])
+def test_a_rank_that_hangs_or_dies_stops_the_other_with_one_clear_line(
+    tmp_path: Path, fault: str
+) -> None:
+    """Two Gloo processes started by hand (torchrun would end the survivor itself)."""
+    environment = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    environment |= {"WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
+    worker = [sys.executable, str(Path(__file__).parent / "ddp_fault_worker.py"), fault]
+    args = [*SMALL, "--epochs", "1", "--dist-timeout", "10", "--output", str(tmp_path)]
+    start = time.time()
+    ranks = [
+        subprocess.Popen([*worker, *args], env={**environment, "RANK": str(rank)},
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for rank in (0, 1)
+    ]  # fmt: skip
+    try:
+        _, err = ranks[0].communicate(timeout=120)
+        elapsed = time.time() - start
+    finally:
+        ranks[1].kill()
+        ranks[1].wait()
+    assert ranks[0].returncode == 2
+    errors = [line for line in err.splitlines() if line.startswith("statten train: error:")]
+    assert len(errors) == 1 and "Traceback" not in err
+    assert "rank 0: lost contact with the other processes (" in errors[0]
+    assert "--dist-timeout 10 s" in errors[0]
+    assert elapsed < 60  # start-up, three steps and at most the 10 s timeout

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+DEFAULT_TIMEOUT_S = 1800.0  # torch's default for Gloo
+# What a failed collective says when a peer died or stopped answering: Gloo raises RuntimeErrors
+# from its TCP transport ("Timed out waiting ...", "Connection closed by peer ..."); NCCL and the
+# store raise torch.distributed.DistError.
+_GLOO_TRANSPORT = "gloo/transport/"
 
 
 @dataclass(frozen=True)
@@ -27,8 +35,12 @@ class DistributedContext:
         return self.rank == 0
 
 
-def init_distributed(device: str) -> DistributedContext:
-    """Join the process group that ``torchrun`` describes in the environment, if any."""
+def init_distributed(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> DistributedContext:
+    """Join the process group that ``torchrun`` describes in the environment, if any.
+
+    A collective that waits ``timeout_s`` for another process fails instead of hanging for good
+    (with NCCL the watchdog then ends the process).
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -41,7 +53,10 @@ def init_distributed(device: str) -> DistributedContext:
         )
         torch.cuda.set_device(torch_device)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch_device.type == "cuda" else "gloo")
+        dist.init_process_group(
+            backend="nccl" if torch_device.type == "cuda" else "gloo",
+            timeout=timedelta(seconds=timeout_s),
+        )
     return DistributedContext(rank, world_size, local_rank, torch_device)
 
 
@@ -51,6 +66,15 @@ def all_reduce_sum(values: torch.Tensor, ctx: DistributedContext) -> torch.Tenso
         values = values.clone()
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
+
+
+def lost_contact(error: BaseException) -> str | None:
+    """What went wrong, in one short phrase, if ``error`` is a collective that lost its peers."""
+    if not isinstance(error, dist.DistError) and _GLOO_TRANSPORT not in str(error):
+        return None
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    without_source = re.sub(r"^\[[^\]]*\]\s*", "", first_line)  # "[.../pair.cc:561] ..."
+    return without_source.split(". ")[0].rstrip(".")
 
 
 def shutdown(ctx: DistributedContext) -> None:

@@ -33,7 +33,12 @@ from statten.checkpoint import (
 )
 from statten.config import config_to_dict, model_config, save_config
 from statten.data import create_loaders, data_config
-from statten.engine.distributed import DistributedContext, init_distributed, shutdown
+from statten.engine.distributed import (
+    DistributedContext,
+    init_distributed,
+    lost_contact,
+    shutdown,
+)
 from statten.engine.evaluate import evaluate
 from statten.engine.losses import create_train_criterion
 from statten.engine.stopping import StopSignals, TrainingStopped
@@ -493,7 +498,7 @@ def dry_run(cfg: argparse.Namespace) -> dict[str, Any]:
 
 def run_training(cfg: argparse.Namespace) -> Trainer:
     """Run training as configured and return the finished :class:`Trainer`."""
-    ctx = init_distributed(cfg.device)
+    ctx = init_distributed(cfg.device, cfg.dist_timeout)
     try:
         trainer = Trainer(cfg, ctx)
         trainer.build_data()
@@ -519,6 +524,15 @@ def run_training(cfg: argparse.Namespace) -> Trainer:
                 "tensorboard/ are in %s", metrics.get("top1", math.nan), trainer.output_dir,
             )  # fmt: skip
         return trainer
+    except RuntimeError as error:
+        cause = lost_contact(error) if ctx.distributed else None
+        if cause is None:
+            raise
+        raise TrainingError(
+            f"rank {ctx.rank}: lost contact with the other processes ({cause}): one of them died "
+            f"or did not answer within --dist-timeout {cfg.dist_timeout} s (its own output says "
+            "why); the run resumes from its last checkpoint with --resume"
+        ) from error
     finally:
         shutdown(ctx)
 
