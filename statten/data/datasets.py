@@ -67,6 +67,7 @@ class DatasetSpec:
     ``stats(size)`` gives the normalisation ``(mean, std)`` for input size ``(H, W)``.
     ``fixed_splits``: the dataset has a train and an eval half, named by
     :data:`FIXED_SPLIT_NAMES` (otherwise the split names are folders of ``--data-dir``).
+    ``normalised``: its samples are normalised by ``mean`` and ``std`` (event frames are not).
     """
 
     build: Builder
@@ -75,6 +76,7 @@ class DatasetSpec:
     img_size: int | None = None
     stats: Callable[[tuple[int, int]], Stats] | None = None
     fixed_splits: bool = True
+    normalised: bool = True
 
 
 def _fixed(stats: Stats) -> Callable[[tuple[int, int]], Stats]:
@@ -344,8 +346,12 @@ DATASETS: dict[str, DatasetSpec] = {
     "": _FOLDER,
     "folder": _FOLDER,
     "imagenet": DatasetSpec(_FOLDER.build, num_classes=1000, img_size=224, fixed_splits=False),
-    "cifar10-dvs": DatasetSpec(_event_dataset, num_classes=10, in_channels=2, img_size=64),
-    "ncaltech101": DatasetSpec(_event_dataset, num_classes=101, in_channels=2, img_size=64),
+    "cifar10-dvs": DatasetSpec(
+        _event_dataset, num_classes=10, in_channels=2, img_size=64, normalised=False
+    ),
+    "ncaltech101": DatasetSpec(
+        _event_dataset, num_classes=101, in_channels=2, img_size=64, normalised=False
+    ),
 }
 
 
@@ -378,7 +384,16 @@ def data_config(cfg: Namespace, model: nn.Module | None = None) -> dict[str, Any
         mean, std = spec.stats(tuple(size))
         args["mean"] = mean if args["mean"] is None else args["mean"]
         args["std"] = std if args["std"] is None else args["std"]
-    return resolve_data_config(args, model=model)
+    config = resolve_data_config(args, model=model)
+    channels = config["input_size"][0]
+    sizes = {len(config["mean"]), len(config["std"])}
+    if spec.normalised and not sizes <= {1, channels}:  # one value applies to every channel
+        raise ConfigError(
+            f"in_channels is {channels} but the normalisation has {len(config['mean'])} "
+            f"channels (mean {config['mean']}); set --in-channels {len(config['mean'])}, or "
+            f"--mean and --std with {channels} values each"
+        )
+    return config
 
 
 def check_split_name(cfg: Namespace, training: bool) -> None:
