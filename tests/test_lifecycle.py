@@ -12,10 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from test_train import SMALL, assert_identical, train, weights
 
 from statten.checkpoint import read_checkpoint
 from statten.cli import main
+from statten.config import parse_config
+from statten.engine.distributed import DistributedContext
+from statten.engine.trainer import Trainer
 
 STATTEN = shutil.which("statten", path=str(Path(sys.executable).parent))
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -124,3 +128,27 @@ def test_a_rank_that_hangs_or_dies_stops_the_other_with_one_clear_line(
     assert "rank 0: lost contact with the other processes (" in errors[0]
     assert "--dist-timeout 10 s" in errors[0]
     assert elapsed < 60  # start-up, three steps and at most the 10 s timeout
+
+
+def test_a_mid_epoch_resume_never_loads_the_batches_already_done(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The sampler starts after them (the SIGTERM test above shows the resume is still exact)."""
+    trainer = Trainer(
+        parse_config(SMALL, "train"), DistributedContext(0, 1, 0, torch.device("cpu"))
+    )
+    trainer.build_data()
+    loader = trainer.train_loader
+    epoch_0 = list(loader.sampler)[: len(loader) * loader.batch_size]  # drop_last
+    loaded: list[int] = []
+    get_item = type(loader.dataset).__getitem__
+
+    def counted(dataset: object, index: int) -> object:
+        loaded.append(index)
+        return get_item(dataset, index)
+
+    monkeypatch.setattr(type(loader.dataset), "__getitem__", counted)
+    monkeypatch.setattr(trainer, "train_step", lambda images, targets: 0.0)
+    trainer.progress.batch_in_epoch = done = 5
+    trainer.train_one_epoch(0)
+    assert loaded == epoch_0[done * loader.batch_size :]

@@ -4,7 +4,8 @@ Plain :class:`torch.utils.data.DataLoader` s (no CUDA prefetcher), so they work 
 alike; the datasets already return normalised float tensors.
 
 Reproducibility: the train order of epoch ``k`` depends only on ``(cfg.seed, k)``, so a run
-resumed at epoch ``k`` (after :func:`set_epoch`) sees the same batches as an uninterrupted one.
+resumed at epoch ``k`` (after :func:`set_epoch`) sees the same batches as an uninterrupted one;
+resumed in the middle of it, the sampler starts after the batches done, which are not loaded.
 Augmentation draws from the global RNGs with ``workers=0`` (seed them per epoch for bit-exact
 resumes) and from per-worker RNGs seeded by torch otherwise; persistent workers keep their RNG
 across epochs, so bit-exact resume equivalence needs ``workers=0`` and deterministic settings.
@@ -12,6 +13,7 @@ across epochs, so bit-exact resume equivalence needs ``workers=0`` and determini
 
 from __future__ import annotations
 
+import itertools
 from argparse import Namespace
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -32,15 +34,22 @@ class _AdvancingEpoch:
     """Sampler mixin: each pass uses ``self.epoch``, then moves on to the next epoch.
 
     A training loop that never calls ``set_epoch`` still gets a new order every epoch, and
-    ``set_epoch(k)`` on a fresh sampler reproduces epoch ``k`` of an uninterrupted run.
+    ``set_epoch(k)`` on a fresh sampler reproduces epoch ``k`` of an uninterrupted run;
+    ``start_at(n)`` then leaves out its first ``n`` samples, which are never loaded.
     """
 
     epoch: int
+    start: int = 0
+
+    def start_at(self, position: int) -> None:
+        """Begin the next pass at ``position`` of its order (a mid-epoch resume)."""
+        self.start = position
 
     def __iter__(self) -> Iterator[int]:
         indices = super().__iter__()  # type: ignore[misc]  # computed eagerly from self.epoch
         self.epoch += 1
-        return indices
+        start, self.start = self.start, 0
+        return itertools.islice(indices, start, None)
 
 
 class EpochShuffleSampler(_AdvancingEpoch, DistributedSampler):
@@ -182,7 +191,10 @@ def create_eval_loader(cfg: Namespace, model: nn.Module | None = None) -> DataLo
     return _loader(cfg, build_dataset(cfg, False, model), False)
 
 
-def set_epoch(loader: DataLoader, epoch: int) -> None:
-    """Make the next pass over ``loader`` draw the order of ``epoch`` (call before each epoch)."""
+def set_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
+    """Make the next pass over ``loader`` draw the order of ``epoch`` (call before each epoch),
+    without its first ``skip_batches`` batches (a mid-epoch resume: they are never loaded)."""
     if hasattr(loader.sampler, "set_epoch"):
         loader.sampler.set_epoch(epoch)
+    if skip_batches:
+        loader.sampler.start_at(skip_batches * loader.batch_size)

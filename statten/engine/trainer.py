@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import itertools
 import json
 import logging
 import math
@@ -32,7 +31,7 @@ from statten.checkpoint import (
     save_checkpoint,
 )
 from statten.config import config_to_dict, model_config, save_config
-from statten.data import create_loaders, data_config
+from statten.data import create_loaders, data_config, set_epoch
 from statten.engine.distributed import (
     DistributedContext,
     init_distributed,
@@ -261,21 +260,13 @@ class Trainer:
     def train_one_epoch(self, epoch: int) -> float:
         self.train_model.train()
         self.switch_mixup(epoch)
-        sampler = getattr(self.train_loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        skip = self.progress.batch_in_epoch
-        rng = capture_rng_state() if skip else None
-        batches = iter(self.train_loader)
-        if rng is not None:  # resuming mid-epoch: skip what was done, keep the random streams
-            for _ in itertools.islice(batches, skip):
-                pass
-            restore_rng_state(rng)
+        skip = self.progress.batch_in_epoch  # resuming mid-epoch: the sampler skips these
+        set_epoch(self.train_loader, epoch, skip)
         total = len(self.train_loader)
         bar = _progress_bar(self.ctx, total, skip, epoch, self.cfg.log_interval)
         loss_sum, seen, start = 0.0, 0, time.time()
         recovery_every = int(self.cfg.recovery_interval or 0)
-        for images, targets in batches:
+        for images, targets in self.train_loader:
             loss = self.train_step(images, targets)
             self.progress.batch_in_epoch += 1
             self.progress.step += 1
