@@ -122,7 +122,7 @@ def test_a_rank_that_hangs_or_dies_stops_the_other_with_one_clear_line(
     finally:
         ranks[1].kill()
         ranks[1].wait()
-    assert ranks[0].returncode == 2
+    assert ranks[0].returncode == 2, err[-3000:]
     errors = [line for line in err.splitlines() if line.startswith("statten train: error:")]
     assert len(errors) == 1 and "Traceback" not in err
     assert "rank 0: lost contact with the other processes (" in errors[0]

@@ -12,9 +12,10 @@ import torch.distributed as dist
 
 DEFAULT_TIMEOUT_S = 1800.0  # torch's default for Gloo
 # What a failed collective says when a peer died or stopped answering: Gloo raises RuntimeErrors
-# from its TCP transport ("Timed out waiting ...", "Connection closed by peer ..."); NCCL and the
-# store raise torch.distributed.DistError.
-_GLOO_TRANSPORT = "gloo/transport/"
+# from its TCP transport ("[.../gloo/transport/tcp/...] Timed out waiting ...", "... Connection
+# closed by peer ...") or, once the pair is closed, "Application timeout caused pair closure";
+# NCCL and the store raise torch.distributed.DistError.
+_GLOO_LOST_PEER = ("gloo/transport/", "Application timeout caused pair closure")
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,9 @@ def all_reduce_sum(values: torch.Tensor, ctx: DistributedContext) -> torch.Tenso
 
 def lost_contact(error: BaseException) -> str | None:
     """What went wrong, in one short phrase, if ``error`` is a collective that lost its peers."""
-    if not isinstance(error, dist.DistError) and _GLOO_TRANSPORT not in str(error):
+    if not isinstance(error, dist.DistError) and not any(
+        marker in str(error) for marker in _GLOO_LOST_PEER
+    ):
         return None
     first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
     without_source = re.sub(r"^\[[^\]]*\]\s*", "", first_line)  # "[.../pair.cc:561] ..."
