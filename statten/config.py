@@ -106,6 +106,7 @@ MINIMUMS = {
     "bn_eps": 0,
     "checkpoint_hist": 1,
     "recovery_interval": 0,
+    "dist_timeout": 1,
     "log_interval": 1,
     "tta": 0,
 }

@@ -303,6 +303,7 @@ def test_attention_mode_spellings(option: str) -> None:
         (["--aug-splits", "1"], "aug_splits must be 0 \\(off\\) or >= 2, got 1"),
         (["--num-classes", "0"], "num_classes must be >= 1"),
         (["--checkpoint-hist", "0"], "checkpoint_hist must be >= 1"),
+        (["--dist-timeout", "0"], "dist_timeout must be >= 1"),
         (["--clip-grad", "-1"], "clip_grad must be >= 0"),
         (["--opt", "adamx"], "--opt 'adamx': Optimizer adamx not found"),
         (["--sched", "cosin"], "--sched 'cosin': Unknown scheduler 'cosin'"),

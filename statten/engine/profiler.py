@@ -250,7 +250,7 @@ def run(cfg: argparse.Namespace, batches: int, energy: EnergyModel) -> dict[str,
 
     Returns the full report (``model`` and ``data`` included).
     """
-    ctx = init_distributed(cfg.device)
+    ctx = init_distributed(cfg.device, cfg.dist_timeout)
     try:
         if ctx.distributed:
             raise ConfigError(

@@ -36,7 +36,7 @@ def test(cfg: argparse.Namespace) -> dict[str, Any]:
     """
     if not cfg.resume:
         raise ConfigError("statten test needs a checkpoint: pass --resume CHECKPOINT")
-    ctx = init_distributed(cfg.device)
+    ctx = init_distributed(cfg.device, cfg.dist_timeout)
     try:
         model = load_checkpoint_model(read_checkpoint(cfg.resume), cfg).to(ctx.device)
         if cfg.fast_inference:
