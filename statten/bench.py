@@ -38,7 +38,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from statten.config import ConfigError, config_from_dict, config_to_dict, model_config, parse_config
+from statten.config import (
+    StrictParser,
+    at_least,
+    config_from_dict,
+    config_to_dict,
+    model_config,
+    parse_config,
+)
 from statten.engine.losses import time_averaged
 from statten.factory import create_model
 
@@ -289,7 +296,7 @@ def count_forward_flops(cfg: argparse.Namespace) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = StrictParser(
         prog="statten bench",
         description="Training and inference speed and peak memory of a recipe, eager baseline "
         "versus statten.fast, against the device's matmul rate. Any `statten train` flag "
@@ -298,9 +305,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per measurement")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    parser.add_argument("--matmul-size", type=int, default=2048, help="side of the timed mm")
+    parser.add_argument(
+        "--repeats", type=at_least(1), default=5, help="timed steps per measurement"
+    )
+    parser.add_argument("--warmup", type=at_least(0), default=2, help="untimed steps first")
+    parser.add_argument(
+        "--matmul-size", type=at_least(1), default=2048, help="side of the timed mm"
+    )
     parser.add_argument(
         "--eager-kernels",
         action="store_true",
@@ -412,8 +423,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; print the table, write ``--json``; return the JSON document."""
     args, rest = _parser().parse_known_args(argv)
     cfg = parse_config(rest, "train")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {cfg.device}: CUDA is not available")
     forward_flops = count_forward_flops(cfg)
     results = []
     with tempfile.TemporaryDirectory(prefix="statten-bench-") as tmp:

@@ -46,6 +46,7 @@ __all__ = [
     "EVAL_METRICS",
     "ConfigError",
     "StrictParser",
+    "at_least",
     "build_parser",
     "config_from_dict",
     "config_to_dict",
@@ -177,6 +178,19 @@ def parse_bool(value: str | bool | int) -> bool:
     if text in FALSE_WORDS:
         return False
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false, 1/0), got {value!r}")
+
+
+def at_least(low: int) -> Callable[[str], int]:
+    """argparse type: an integer >= ``low`` (for the options of statten bench and profile)."""
+
+    def convert(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    convert.__name__ = f"integer >= {low}"  # argparse names the type in its error
+    return convert
 
 
 def _default_device() -> str:

@@ -466,3 +466,18 @@ def test_memory_efficient_training_on_cuda_matches_plain() -> None:
     torch.testing.assert_close(fast_out, out, atol=1e-4, rtol=0)
     for name, grad in grads.items():
         torch.testing.assert_close(fast_grads[name], grad, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [(["--repeats", "0"], "must be >= 1, got 0"), (["--warmup", "-1"], "must be >= 0, got -1"),
+     (["--tasks", "fly"], "invalid choice: 'fly'")],
+)  # fmt: skip
+def test_bench_options_out_of_range_are_one_line(
+    bad: list[str], message: str, capsys: pytest.CaptureFixture
+) -> None:
+    from statten.cli import main
+
+    assert main(["bench", *bad]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("statten bench: error:") and message in err and err.count("\n") == 1

@@ -24,7 +24,7 @@ from torch import nn
 from statten.analysis.energy import E_AC_PJ, E_MAC_PJ, EnergyModel
 from statten.analysis.ops import LayerOps, OpRecorder
 from statten.checkpoint import model_config_from_checkpoint, read_checkpoint
-from statten.config import ConfigError, StrictParser, model_config, resolve_config
+from statten.config import ConfigError, StrictParser, at_least, model_config, resolve_config
 from statten.data import create_eval_loader
 from statten.engine.distributed import DistributedContext, init_distributed, shutdown
 from statten.engine.evaluate import evaluate
@@ -50,7 +50,7 @@ def profile_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--batches",
-        type=int,
+        type=at_least(0),
         default=DEFAULT_BATCHES,
         help=f"evaluation batches to run (default {DEFAULT_BATCHES}; 0: the whole split)",
     )
