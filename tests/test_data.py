@@ -406,5 +406,5 @@ def test_channels_that_do_not_match_the_normalisation_are_an_error(image_tree: P
     """The digits recipe's in_channels 1 with an RGB folder used to crash inside the transform."""
     cfg = Namespace(dataset="", data_dir=str(image_tree), img_size=32, in_channels=1)
     with pytest.raises(ConfigError, match="in_channels is 1 but the normalisation has 3"):
-        data_config(cfg)
-    data_config(Namespace(**vars(cfg), mean=[0.5], std=[0.25]))
+        create_datasets(cfg)
+    create_datasets(Namespace(**vars(cfg), mean=[0.5], std=[0.25]))

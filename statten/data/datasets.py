@@ -67,7 +67,6 @@ class DatasetSpec:
     ``stats(size)`` gives the normalisation ``(mean, std)`` for input size ``(H, W)``.
     ``fixed_splits``: the dataset has a train and an eval half, named by
     :data:`FIXED_SPLIT_NAMES` (otherwise the split names are folders of ``--data-dir``).
-    ``normalised``: its samples are normalised by ``mean`` and ``std`` (event frames are not).
     """
 
     build: Builder
@@ -76,7 +75,6 @@ class DatasetSpec:
     img_size: int | None = None
     stats: Callable[[tuple[int, int]], Stats] | None = None
     fixed_splits: bool = True
-    normalised: bool = True
 
 
 def _fixed(stats: Stats) -> Callable[[tuple[int, int]], Stats]:
@@ -125,12 +123,25 @@ def _timm_pipeline(open_split: Builder) -> Builder:
         if splits == 1 or splits < 0:
             raise ValueError(f"aug_splits must be 0 or at least 2, got {splits}")
         dataset = open_split(cfg, data_cfg, training)
+        _check_normalisation(data_cfg)
         if training and splits:
             dataset = AugMixDataset(dataset, num_splits=splits)
         dataset.transform = timm_transform(cfg, data_cfg, training)
         return dataset
 
     return build
+
+
+def _check_normalisation(data_cfg: dict[str, Any]) -> None:
+    """Refuse input channels that ``mean``/``std`` cannot normalise (timm would open the images
+    in that many channels and fail inside the transform); one value serves every channel."""
+    channels, mean = data_cfg["input_size"][0], data_cfg["mean"]
+    if not {len(mean), len(data_cfg["std"])} <= {1, channels}:
+        raise ConfigError(
+            f"in_channels is {channels} but the normalisation has {len(mean)} channels "
+            f"(mean {mean}); set --in-channels {len(mean)}, or --mean and --std with "
+            f"{channels} values each"
+        )
 
 
 def _open_cifar(name: str, torchvision_class: type[CIFAR10]) -> Builder:
@@ -346,12 +357,8 @@ DATASETS: dict[str, DatasetSpec] = {
     "": _FOLDER,
     "folder": _FOLDER,
     "imagenet": DatasetSpec(_FOLDER.build, num_classes=1000, img_size=224, fixed_splits=False),
-    "cifar10-dvs": DatasetSpec(
-        _event_dataset, num_classes=10, in_channels=2, img_size=64, normalised=False
-    ),
-    "ncaltech101": DatasetSpec(
-        _event_dataset, num_classes=101, in_channels=2, img_size=64, normalised=False
-    ),
+    "cifar10-dvs": DatasetSpec(_event_dataset, num_classes=10, in_channels=2, img_size=64),
+    "ncaltech101": DatasetSpec(_event_dataset, num_classes=101, in_channels=2, img_size=64),
 }
 
 
@@ -384,16 +391,7 @@ def data_config(cfg: Namespace, model: nn.Module | None = None) -> dict[str, Any
         mean, std = spec.stats(tuple(size))
         args["mean"] = mean if args["mean"] is None else args["mean"]
         args["std"] = std if args["std"] is None else args["std"]
-    config = resolve_data_config(args, model=model)
-    channels = config["input_size"][0]
-    sizes = {len(config["mean"]), len(config["std"])}
-    if spec.normalised and not sizes <= {1, channels}:  # one value applies to every channel
-        raise ConfigError(
-            f"in_channels is {channels} but the normalisation has {len(config['mean'])} "
-            f"channels (mean {config['mean']}); set --in-channels {len(config['mean'])}, or "
-            f"--mean and --std with {channels} values each"
-        )
-    return config
+    return resolve_data_config(args, model=model)
 
 
 def check_split_name(cfg: Namespace, training: bool) -> None:
