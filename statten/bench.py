@@ -137,6 +137,7 @@ def _train_step(spec: dict[str, Any], cfg: argparse.Namespace, device: torch.dev
     from statten.fast import optimize_for_training
 
     model = create_model(cfg.model, **model_config(cfg)).to(device).train()
+    model.memory_efficient = False  # the plain eager baseline; fast mode switches it on
     images, targets = _inputs(model, spec["batch_size"], device)
     optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg))
     if spec["mode"] == "fast":

@@ -448,11 +448,16 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
     _flag(g, "--apex-amp", "the reference's Apex mixed precision: here the same as --amp")
     _flag(g, "--native-amp", "the reference's native mixed precision: the same as --amp")
     _flag(g, "--channels-last", "channels_last memory layout")
-    _flag(
-        g,
+    g.add_argument(
         "--memory-efficient",
-        "train with fused LIF layers and 1-byte spikes for backward: bit-identical results, "
-        "about half the memory (docs/performance.md)",
+        type=parse_bool,
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="BOOL",
+        help="train with fused LIF layers and 1-byte spikes for backward (docs/performance.md); "
+        "default: the model's own, on for sdt, qkformer and sdtv2 where it is bit-identical, "
+        "off for spikformer (gradients within 2e-6); --memory-efficient false turns it off",
     )
     _add(
         g, "--local-rank --local_rank", 0, "process rank on this node (set by launchers)", type=int

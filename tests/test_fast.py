@@ -47,7 +47,7 @@ CASES = {
 
 def _model(**overrides) -> torch.nn.Module:
     torch.manual_seed(0)
-    return statten.create_model("sdt", **{**TINY, **overrides})
+    return statten.create_model("sdt", **{**TINY, "memory_efficient": False, **overrides})
 
 
 def _inputs(model: torch.nn.Module, batch: int = 4) -> torch.Tensor:
@@ -481,3 +481,12 @@ def test_bench_options_out_of_range_are_one_line(
     assert main(["bench", *bad]) == 2
     err = capsys.readouterr().err
     assert err.startswith("statten bench: error:") and message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("name", statten.list_models())
+def test_training_is_lean_by_default_where_it_is_bit_identical(name: str) -> None:
+    """sdt, qkformer and sdtv2 train memory-efficiently by default (bit-identical, tested with
+    their golden vectors); spikformer's fused path differs by float rounding, so it is opt-in."""
+    with torch.device("meta"):
+        model = statten.create_model(name)
+    assert model.memory_efficient is (name != "spikformer")

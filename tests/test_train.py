@@ -98,7 +98,7 @@ def test_resume_reproduces_an_uninterrupted_run_bit_for_bit(tmp_path: Path) -> N
 
 
 def test_memory_efficient_training_ends_on_the_same_weights(tmp_path: Path) -> None:
-    plain = train(tmp_path, "--epochs", "1", name="plain")
+    plain = train(tmp_path, "--epochs", "1", "--memory-efficient", "false", name="plain")
     lean = train(tmp_path, "--epochs", "1", "--memory-efficient", name="lean")
     assert read_checkpoint(lean / "last.pth.tar")["config"]["memory_efficient"] is True
     assert_identical(weights(plain / "last.pth.tar"), weights(lean / "last.pth.tar"))
@@ -389,3 +389,11 @@ def test_amp_on_cpu_trains_in_fp32_with_a_warning(caplog: pytest.LogCaptureFixtu
         trainer = Trainer(cfg, DistributedContext(0, 1, 0, torch.device("cpu")))
     assert "--amp applies on CUDA only: training on cpu in fp32" in caplog.text
     assert trainer.scaler is None
+
+
+@pytest.mark.parametrize(("flag", "lean"), [([], True), (["--memory-efficient", "false"], False)])
+def test_memory_efficient_is_the_default_and_can_be_turned_off(flag: list[str], lean: bool) -> None:
+    cfg = parse_config([*SMALL, *flag], "train")
+    with torch.device("meta"):
+        trainer = Trainer(cfg, DistributedContext(0, 1, 0, torch.device("meta")))
+    assert trainer.model.memory_efficient is lean

@@ -123,7 +123,8 @@ class Trainer:
         random_seed(cfg.seed, ctx.rank)
         self.model_config = model_config(cfg)
         self.model = create_model(cfg.model, **self.model_config).to(ctx.device)
-        self.model.memory_efficient = cfg.memory_efficient
+        if cfg.memory_efficient is not None:  # else the model's default
+            self.model.memory_efficient = cfg.memory_efficient
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if ctx.distributed and cfg.sync_bn:

@@ -1,9 +1,10 @@
-"""Opt-in fast paths of statten (measured in docs/performance.md, benchmarked by ``statten bench``).
+"""Fast paths of statten (measured in docs/performance.md, benchmarked by ``statten bench``).
 
-- Memory-efficient training, bit-identical to the plain model:
-  ``create_model("sdt", ..., memory_efficient=True)`` or ``model.memory_efficient = True``. LIF
-  layers run fused kernels and store only their input; conv -> BatchNorm -> LIF runs as one
-  layer that recomputes instead of storing; spikes are stored for backward as 1-byte tensors.
+- Memory-efficient training, bit-identical to the plain model, the default of the families where
+  it is (sdt, qkformer, sdtv2): ``create_model(..., memory_efficient=True|False)`` or
+  ``model.memory_efficient = ...``. LIF layers run fused kernels and store only their input;
+  conv -> BatchNorm -> LIF runs as one layer that recomputes instead of storing; spikes are
+  stored for backward as 1-byte tensors.
 - Fused LIF kernels, bit-identical to the step-by-step ones: on CPU C loops built on first use
   with the system C compiler (:func:`use_native_kernels`, on by default); elsewhere, after
   :func:`use_compiled_kernels`, ``torch.compile``d functions (Triton on CUDA).

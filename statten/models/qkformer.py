@@ -429,7 +429,7 @@ class QKFormer(SpikingModel):
         attention_mode: str = "SSA",
         drop_path_rate: float = 0.0,
         proj_lif_per_sample: bool = False,
-        memory_efficient: bool = False,
+        memory_efficient: bool = True,
     ) -> None:
         super().__init__()
         check_config(locals())

@@ -307,10 +307,10 @@ class SpikeDrivenTransformer(SpikingModel):
     ``[B, T, C, H, W]`` and returns logits ``[B, num_classes]`` (time-averaged), or
     ``[T, B, num_classes]`` when ``TET`` is set. Every call starts from zero membrane potential.
 
-    With ``memory_efficient=True`` the LIF layers run the fused kernels of :mod:`statten.fast`
-    (conv + BatchNorm + LIF as one layer that recomputes instead of storing) and spikes are kept
-    as 1-byte tensors for backward: bit-identical outputs and gradients, about a quarter of what
-    is stored for backward (docs/performance.md).
+    With ``memory_efficient=True`` (the default) the LIF layers run the fused kernels of
+    :mod:`statten.fast` (conv + BatchNorm + LIF as one layer that recomputes instead of storing)
+    and spikes are kept as 1-byte tensors for backward: bit-identical outputs and gradients,
+    about a quarter of what is stored for backward (docs/performance.md).
     """
 
     family_name = "sdt"
@@ -332,7 +332,7 @@ class SpikeDrivenTransformer(SpikingModel):
         dvs_mode: bool = False,
         TET: bool = False,
         drop_path_rate: float = 0.0,
-        memory_efficient: bool = False,
+        memory_efficient: bool = True,
     ) -> None:
         super().__init__()
         check_config(locals())

@@ -270,7 +270,7 @@ class MetaSpikeFormer(SpikingModel):
         attention_mode: str = "SDSA",
         kd: bool = False,
         drop_path_rate: float = 0.0,
-        memory_efficient: bool = False,
+        memory_efficient: bool = True,
     ) -> None:
         super().__init__()
         check_config(locals())
