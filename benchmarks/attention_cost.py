@@ -1,14 +1,17 @@
-"""Cost of STAtten versus SDT attention at the reference recipes: the table of docs/profile.md.
+"""Cost of one STAtten versus SDT attention block at the reference recipes: the formula tables
+of docs/profile.md.
 
-For every recipe (token grid and width), T in 4, 8, 16 and STAtten chunk sizes 1 (spatial-only
-attention), 2 and T, plus SDT, prints per image and per attention block: parameters, dense FLOPs
-of the token mix and of the whole block, what the token mix would cost with Q K^T computed
-first, and the SOPs and energy of the token mix when Q, K and V fire at rate ``--rate``.
+For every recipe (token grid and width), T in 4, 8, 16 and every STAtten chunk size dividing T
+(1 is spatial-only attention), plus SDT, prints per image and per attention block: parameters,
+dense FLOPs of the token mix and of the whole block, what the token mix would cost with Q K^T
+computed first, and the SOPs and energy of the token mix when Q, K and V fire at rate ``--rate``.
 
 Every dense number is computed from the formulas of docs/profile.md and checked against a
-measurement (the script fails on any difference): :class:`statten.analysis.OpRecorder` on a real
-attention block fed one sample, and SpikingJelly's ``FlopCounter`` for the STAtten products.
-The SOPs of STAtten are also measured on Bernoulli(rate) spikes.
+measurement (the script fails on any difference): the counts ``statten bench --tasks attention``
+takes on whole models (:func:`statten.analysis.attention_cost.count_ops`) on a real attention
+block fed one sample, and SpikingJelly's ``FlopCounter`` for the STAtten products. The SOPs of
+STAtten are also measured on Bernoulli(rate) spikes. ``statten bench --tasks attention`` gives
+the measured whole-model table of any recipe.
 
     python benchmarks/attention_cost.py [--rate 0.2] [--time-steps 4 8 16]
 """
@@ -16,7 +19,6 @@ The SOPs of STAtten are also measured on Bernoulli(rate) spikes.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +26,13 @@ from spikingjelly.activation_based.op_counter import DispatchCounterMode, FlopCo
 from torch import nn
 
 from statten.analysis import EnergyModel, OpRecorder
+from statten.analysis.attention_cost import (
+    STATTEN,
+    AttentionVariant,
+    attention_variants,
+    count_ops,
+    is_attention_product,
+)
 from statten.attention import SpatioTemporalAttention
 from statten.models.sdt import SpikingSelfAttention
 
@@ -62,6 +71,7 @@ class Cost:
 
     params: int
     mix_flops: float
+    gate_flops: float
     block_flops: float
     qk_first_flops: float | None
     mix_sops: float
@@ -86,6 +96,7 @@ def analytic_cost(recipe: Recipe, T: int, mode: str, chunk: int, rate: float) ->
     return Cost(
         params=4 * D * D + 9 * D,  # 4 conv weights, proj bias, 4 BatchNorms
         mix_flops=mix_flops,
+        gate_flops=gate_flops,
         block_flops=2 * convs + mix_flops + gate_flops,
         qk_first_flops=qk_first,
         mix_sops=sops,
@@ -93,27 +104,21 @@ def analytic_cost(recipe: Recipe, T: int, mode: str, chunk: int, rate: float) ->
     )
 
 
-def is_token_mix(name: str) -> bool:
-    """A row of STAtten's or SDT's token mix (not a convolution, not the DVS gate)."""
-    return "[" in name and not name.endswith("[out * x_pool]")
-
-
 def measured_flops(
     recipe: Recipe, T: int, mode: str, chunk: int
 ) -> tuple[int, float, float, float | None]:
-    """Measured on one sample: ``(params, token-mix FLOPs, block FLOPs, SpikingJelly's FLOPs of
-    the STAtten products)``."""
+    """Measured on one sample: ``(params, FLOPs of the attention products (token mix and DVS
+    gate), block FLOPs, SpikingJelly's FLOPs of the STAtten products)``."""
     attn = SpikingSelfAttention(recipe.dim, recipe.heads, mode, chunk, recipe.dvs).eval()
     x = torch.randn(T, 1, recipe.dim, recipe.grid, recipe.grid)
     counter = FlopCounter()
-    with torch.no_grad(), OpRecorder(attn, T) as ops, DispatchCounterMode([counter]):
-        attn(x)
-    layers = ops.layers()
-    mix = sum(layer.flops.sum().item() for layer in layers if is_token_mix(layer.name))
+    with DispatchCounterMode([counter]):
+        layers = count_ops(attn, x, T, samples=1)
+    products = sum(layer.flops.sum().item() for layer in layers if is_attention_product(layer))
     block = sum(layer.flops.sum().item() for layer in layers)
     params = sum(p.numel() for p in attn.parameters())
     statten = counter.get_counts().get("SpikingSelfAttention.statten")
-    return params, mix, block, statten and sum(statten.values())
+    return params, products, block, statten and sum(statten.values())
 
 
 def measured_statten_sops(recipe: Recipe, T: int, chunk: int, rate: float) -> float:
@@ -127,20 +132,13 @@ def measured_statten_sops(recipe: Recipe, T: int, chunk: int, rate: float) -> fl
     return sum(layer.sops.sum().item() for layer in ops.layers() if layer.spike_driven)
 
 
-def variants(T: int) -> Iterator[tuple[str, int]]:
-    """STAtten with chunk 1 (spatial-only), 2 and T, then SDT."""
-    for chunk in sorted({1, 2, T}):
-        yield "STAtten", chunk
-    yield "SDT", 1
-
-
 def check(recipe: Recipe, T: int, mode: str, chunk: int, cost: Cost) -> None:
     """Raise if a measured dense count differs from the formula."""
     *measured, statten_sj = measured_flops(recipe, T, mode, chunk)
-    if tuple(measured) != (cost.params, cost.mix_flops, cost.block_flops):
+    if tuple(measured) != (cost.params, cost.mix_flops + cost.gate_flops, cost.block_flops):
         raise AssertionError(f"{recipe.name} T={T} {mode} c={chunk}: {measured} != {cost}")
     scale = (T // chunk) * recipe.heads * recipe.head_dim**2  # SpikingJelly counts the scale too
-    if mode == "STAtten" and statten_sj != cost.mix_flops + scale:
+    if mode == STATTEN and statten_sj != cost.mix_flops + scale:
         raise AssertionError(f"SpikingJelly counts {statten_sj} FLOPs for the STAtten products")
 
 
@@ -148,16 +146,16 @@ def _m(value: float) -> str:
     return f"{value / 1e6:,.2f}M"
 
 
-def row(recipe: Recipe, T: int, mode: str, chunk: int, rate: float) -> str:
+def row(recipe: Recipe, variant: AttentionVariant, rate: float) -> str:
+    T, mode, chunk = variant.time_steps, variant.attention_mode, variant.chunk_size
     cost = analytic_cost(recipe, T, mode, chunk, rate)
     check(recipe, T, mode, chunk, cost)
-    label = f"STAtten c={chunk}" + (" (spatial-only)" if chunk == 1 else "")
     measured = "-"
-    if mode == "STAtten":
+    if mode == STATTEN:
         measured = _m(measured_statten_sops(recipe, T, chunk, rate))
     qk_first = "-" if cost.qk_first_flops is None else _m(cost.qk_first_flops)
     return (
-        f"| {T} | {label if mode == 'STAtten' else 'SDT'} | {cost.params:,} | "
+        f"| {T} | {variant.label} | {cost.params:,} | "
         f"{_m(cost.mix_flops)} | {_m(cost.block_flops)} | {qk_first} | {_m(cost.mix_sops)} | "
         f"{measured} | {cost.mix_energy_nj:,.1f} |"
     )
@@ -184,8 +182,7 @@ def table(recipe: Recipe, time_steps: list[int], rate: float) -> list[str]:
     if recipe.dvs:
         title += " (the attention block includes the DVS gate of STAtten, T N D FLOPs)"
     lines = [title, "", f"| {' | '.join(COLUMNS)} |", "|" + "---|" * len(COLUMNS)]
-    for T in time_steps:
-        lines += [row(recipe, T, mode, chunk, rate) for mode, chunk in variants(T)]
+    lines += [row(recipe, variant, rate) for variant in attention_variants(time_steps, "SDT")]
     return [*lines, ""]
 
 

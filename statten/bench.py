@@ -10,6 +10,12 @@ training step counts 3x the forward pass). ``--json FILE`` writes all numbers.
 
     statten bench -c conf/cifar10/2_512_200E_t4.yml -b 16 --device cpu --json bench.json
 
+``--tasks attention`` (alone, or with ``train`` / ``infer``) adds the attention-cost table
+(:mod:`statten.analysis.attention_cost`): the recipe's model rebuilt at T = 4, 8, 16
+(``--attention-time-steps``) with STAtten at every chunk size dividing T and with the family's
+native attention, each counted by ``OpRecorder`` on one random sample after BatchNorm
+calibration, and timed if ``--attention-repeats`` is above 0.
+
 Inference runs a model whose BatchNorm statistics are calibrated on the random batch
 (:func:`calibrate_batchnorm`), so that its layers fire as in training.
 
@@ -38,6 +44,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from statten.analysis.attention_cost import (
+    STATTEN,
+    AttentionCost,
+    AttentionVariant,
+    attention_cost,
+    attention_variants,
+    compare,
+    count_ops,
+    format_table,
+    same_cost_as_spatial,
+)
 from statten.config import (
     StrictParser,
     at_least,
@@ -48,10 +65,23 @@ from statten.config import (
 )
 from statten.engine.losses import time_averaged
 from statten.factory import create_model
+from statten.models.family import get_family
 
-__all__ = ["MODES", "TASKS", "Result", "main", "matmul_rate", "measure"]
+__all__ = [
+    "ATTENTION_TASK",
+    "MODES",
+    "TASKS",
+    "Result",
+    "attention_cost_table",
+    "main",
+    "matmul_rate",
+    "measure",
+]
 
-TASKS = ("train", "infer")
+TASKS = ("train", "infer")  # timed, in every mode
+ATTENTION_TASK = "attention"  # the attention-cost table, counted once per attention variant
+ATTENTION_TIME_STEPS = (4, 8, 16)
+ATTENTION_SAMPLES = 1  # random samples per variant: BatchNorm calibration, counts and timing
 MODES = ("eager", "fast")
 TRAIN_FLOPS_PER_FORWARD = 3  # forward + backward (input and weight gradients) ~ 3 forwards
 
@@ -296,6 +326,104 @@ def count_forward_flops(cfg: argparse.Namespace) -> float:
     return float(counter.get_total_flops())
 
 
+# -- the attention-cost table (in this process) -------------------------------------------------
+
+
+def native_attention(model: str) -> str:
+    """The family's own attention mode: the one of its modes that is not STAtten."""
+    return next(mode for mode in get_family(model).attention_modes if mode != STATTEN)
+
+
+def variant_config(cfg: argparse.Namespace, variant: AttentionVariant) -> argparse.Namespace:
+    """``cfg`` with the time steps, attention mode and chunk size of ``variant``."""
+    return argparse.Namespace(
+        **{
+            **vars(cfg),
+            "time_steps": variant.time_steps,
+            "attention_mode": variant.attention_mode,
+            "chunk_size": variant.chunk_size,
+        }
+    )
+
+
+def seconds_per_image(model: nn.Module, images: torch.Tensor, repeats: int) -> float | None:
+    """Median time of ``repeats`` inference passes over ``images``, per image (None if 0)."""
+    if not repeats:
+        return None
+    device = images.device
+    seconds = []
+    with torch.inference_mode():
+        model(images)  # warm-up
+        for _ in range(repeats):
+            _sync(device)
+            start = time.perf_counter()
+            model(images)
+            _sync(device)
+            seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds) / images.shape[0]
+
+
+def measure_attention_variant(
+    cfg: argparse.Namespace, variant: AttentionVariant, repeats: int
+) -> AttentionCost:
+    """Counts (and time) of the recipe's model built as ``variant``, BatchNorm calibrated on
+    :data:`ATTENTION_SAMPLES` random samples. Every variant starts from the same seed, so the
+    variants of one ``T`` share their weights and input."""
+    torch.manual_seed(cfg.seed)
+    model, images = inference_model(
+        variant_config(cfg, variant), ATTENTION_SAMPLES, torch.device(cfg.device)
+    )
+    layers = count_ops(model, images, variant.time_steps, ATTENTION_SAMPLES)
+    params = sum(p.numel() for p in model.parameters())
+    return attention_cost(
+        variant, layers, params, seconds_per_image=seconds_per_image(model, images, repeats)
+    )
+
+
+def attention_cost_table(
+    cfg: argparse.Namespace, time_steps: Sequence[int], repeats: int = 0
+) -> list[AttentionCost]:
+    """STAtten at every chunk size versus the family's native attention, at each ``T``."""
+    variants = attention_variants(time_steps, native_attention(cfg.model))
+    costs = [measure_attention_variant(cfg, variant, repeats) for variant in variants]
+    compare(costs)
+    return costs
+
+
+def attention_cost_document(
+    cfg: argparse.Namespace, time_steps: Sequence[int], repeats: int
+) -> dict[str, Any]:
+    """The attention-cost table as the ``attention_cost`` entry of the JSON document."""
+    start = time.perf_counter()
+    costs = attention_cost_table(cfg, time_steps, repeats)
+    return {
+        "model": cfg.model,
+        "native_attention": native_attention(cfg.model),
+        "time_steps": list(time_steps),
+        "samples": ATTENTION_SAMPLES,
+        "timing_repeats": repeats,
+        "same_cost_as_spatial": same_cost_as_spatial(costs),
+        "seconds": time.perf_counter() - start,
+        "rows": [asdict(cost) for cost in costs],
+    }
+
+
+def _attention_report(document: dict[str, Any]) -> str:
+    costs = [AttentionCost(**row) for row in document["rows"]]
+    return "\n".join(
+        [
+            f"attention cost per image: {document['model']}, STAtten versus "
+            f"{document['native_attention']} (native); OpRecorder counts on "
+            f"{document['samples']} random sample(s), BatchNorm calibrated on it; token mix = "
+            f"the attention products; {document['seconds']:.1f} s",
+            format_table(costs),
+        ]
+    )
+
+
+# -- the command --------------------------------------------------------------------------------
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = StrictParser(
         prog="statten bench",
@@ -304,7 +432,14 @@ def _parser() -> argparse.ArgumentParser:
         "(-c CONFIG, -b BATCH, --device, --json FILE, ...) selects what is measured.",
         allow_abbrev=False,
     )
-    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    parser.add_argument(
+        "--tasks",
+        nargs="+",
+        choices=(*TASKS, ATTENTION_TASK),
+        default=list(TASKS),
+        help=f"what to measure (default: {' '.join(TASKS)}); {ATTENTION_TASK}: the table of "
+        "STAtten versus native attention cost",
+    )
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument(
         "--repeats", type=at_least(1), default=5, help="timed steps per measurement"
@@ -321,6 +456,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--compile", action="store_true", help="fast mode: also torch.compile the whole model"
+    )
+    parser.add_argument(
+        "--attention-time-steps",
+        nargs="+",
+        type=at_least(1),
+        default=list(ATTENTION_TIME_STEPS),
+        help="attention task: the T values of its table",
+    )
+    parser.add_argument(
+        "--attention-repeats",
+        type=at_least(0),
+        default=0,
+        help="attention task: timed inference passes per variant (0: counts only)",
     )
     return parser
 
@@ -387,7 +535,10 @@ def _specs(args: argparse.Namespace, cfg: argparse.Namespace) -> list[dict[str, 
         "compile": args.compile,
     }
     return [
-        {**common, "task": task, "mode": mode} for task in args.tasks for mode in args.modes
+        {**common, "task": task, "mode": mode}
+        for task in TASKS
+        if task in args.tasks
+        for mode in args.modes
     ]  # eager first: the baseline is measured before the fast paths
 
 
@@ -420,10 +571,8 @@ def _summary(cfg: argparse.Namespace, results: list[Result], flops: float) -> di
     }
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run the benchmark; print the table, write ``--json``; return the JSON document."""
-    args, rest = _parser().parse_known_args(argv)
-    cfg = parse_config(rest, "train")
+def timed_document(args: argparse.Namespace, cfg: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    """Run the timed tasks, each in its own process: their JSON entries and their report."""
     forward_flops = count_forward_flops(cfg)
     results = []
     with tempfile.TemporaryDirectory(prefix="statten-bench-") as tmp:
@@ -439,8 +588,26 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if "infer" in args.tasks:
         summary["inference_mean_firing_rate"] = inference_firing_rate(cfg)
     summary["ratios"] = _ratios({(r.task, r.mode): r for r in results})
-    document = {**summary, "config": config_to_dict(cfg), "results": [asdict(r) for r in results]}
-    print(_report(summary, results))
+    document = {**summary, "results": [asdict(r) for r in results]}
+    return document, _report(summary, results)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; print the tables, write ``--json``; return the JSON document."""
+    args, rest = _parser().parse_known_args(argv)
+    cfg = parse_config(rest, "train")
+    document: dict[str, Any] = {"recipe": cfg.config or "(defaults)"}
+    reports = []
+    if set(args.tasks) & set(TASKS):
+        timed, report = timed_document(args, cfg)
+        document.update(timed)
+        reports.append(report)
+    if ATTENTION_TASK in args.tasks:
+        attention = attention_cost_document(cfg, args.attention_time_steps, args.attention_repeats)
+        document["attention_cost"] = attention
+        reports.append(_attention_report(attention))
+    document["config"] = config_to_dict(cfg)
+    print("\n\n".join(reports))
     if cfg.json:
         Path(cfg.json).write_text(json.dumps(document, indent=2))
     return document
