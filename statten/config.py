@@ -456,8 +456,7 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="BOOL",
         help="train with fused LIF layers and 1-byte spikes for backward (docs/performance.md); "
-        "default: the model's own, on for sdt, qkformer and sdtv2 where it is bit-identical, "
-        "off for spikformer (gradients within 2e-6); --memory-efficient false turns it off",
+        "bit-identical, on by default; --memory-efficient false turns it off",
     )
     _add(
         g, "--local-rank --local_rank", 0, "process rank on this node (set by launchers)", type=int

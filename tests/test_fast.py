@@ -485,8 +485,26 @@ def test_bench_options_out_of_range_are_one_line(
 
 @pytest.mark.parametrize("name", statten.list_models())
 def test_training_is_lean_by_default_where_it_is_bit_identical(name: str) -> None:
-    """sdt, qkformer and sdtv2 train memory-efficiently by default (bit-identical, tested with
-    their golden vectors); spikformer's fused path differs by float rounding, so it is opt-in."""
+    """Every family trains memory-efficiently by default (bit-identical, tested with each
+    family's golden vectors)."""
     with torch.device("meta"):
         model = statten.create_model(name)
-    assert model.memory_efficient is (name != "spikformer")
+    assert model.memory_efficient is True
+
+
+def test_fused_layer_matches_autograd_for_a_gradient_in_another_layout() -> None:
+    """A gradient arriving channels-last (as from a token reshape) changes BatchNorm backward's
+    summation order in the plain layers; the fused layer must follow it to stay bit-identical."""
+    torch.manual_seed(0)
+    conv, bn = torch.nn.Conv2d(16, 64, 3, padding=1), torch.nn.BatchNorm2d(64)
+    x = (torch.rand(4, 3, 16, 8, 8) < 0.3).float()
+    grad = torch.randn(4, 3, 8, 8, 64).permute(0, 1, 4, 2, 3) * 1e-4  # channels fastest
+    grads = []
+    for fused in (False, True):
+        layers = copy.deepcopy((conv, bn))
+        lif = LIF()
+        lif.fused = fused
+        lif(x, conv_bn=layers).backward(grad)
+        grads.append([p.grad for layer in layers for p in layer.parameters()])
+    for plain, fast in zip(*grads, strict=True):
+        assert torch.equal(plain, fast)

@@ -1,7 +1,7 @@
 """Fast paths of statten (measured in docs/performance.md, benchmarked by ``statten bench``).
 
-- Memory-efficient training, bit-identical to the plain model, the default of the families where
-  it is (sdt, qkformer, sdtv2): ``create_model(..., memory_efficient=True|False)`` or
+- Memory-efficient training, bit-identical to the plain model and the default of every family:
+  ``create_model(..., memory_efficient=True|False)`` or
   ``model.memory_efficient = ...``. LIF layers run fused kernels and store only their input;
   conv -> BatchNorm -> LIF runs as one layer that recomputes instead of storing; spikes are
   stored for backward as 1-byte tensors.

@@ -121,6 +121,7 @@ class _ConvBatchNormLIF(torch.autograd.Function):
         grad_y = lif_input_grad(  # into y's memory where the kernels can
             grad_spikes, y[0].unflatten(0, ctx.steps), v_threshold, tau, alpha, True
         )
+        grad_y = _in_layout_of(grad_y, grad_spikes)
         del y, grad_spikes
         grad_out, grad_bn_weight, grad_bn_bias = torch.ops.aten.native_batch_norm_backward(
             grad_y.flatten(0, 1), out, bn.weight, None, None, mean, invstd, True, bn.eps,
@@ -135,6 +136,14 @@ class _ConvBatchNormLIF(torch.autograd.Function):
         )  # fmt: skip
         grad_x = None if grad_x is None else grad_x.unflatten(0, ctx.steps)
         return grad_x, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias, *[None] * 7
+
+
+def _in_layout_of(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``tensor`` with the strides of ``like``: the memory layout the unfused layers' autograd
+    gives this gradient, which decides BatchNorm backward's summation order (and so its bits)."""
+    if tensor.stride() == like.stride():
+        return tensor
+    return torch.empty_like(like).copy_(tensor)
 
 
 def _fusable(conv: nn.Module, bn: nn.Module, x: torch.Tensor) -> bool:

@@ -277,7 +277,7 @@ class Spikformer(SpikingModel):
         chunk_size: int = 1,
         attention_mode: str = "SSA",
         drop_path_rate: float = 0.0,
-        memory_efficient: bool = False,
+        memory_efficient: bool = True,
     ) -> None:
         super().__init__()
         check_config(locals())
