@@ -328,7 +328,7 @@ def test_spike_conv_adds_the_weights_of_the_spikes(
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(*channels, kernel, padding=kernel // 2)
     spike_conv = SpikeConv2d.from_conv(conv)
-    spike_conv.max_density = 1.0
+    spike_conv.max_density, spike_conv.spike_driven_faster = 1.0, True  # not timed: forced
     x = (torch.rand(3, channels[0], size, size) < density).float()
     calls = []
     with torch.inference_mode(), _counting_spike_convs(calls):
@@ -354,6 +354,28 @@ def test_spike_conv_runs_dense_when_too_dense_or_under_autograd_or_strided() -> 
             SpikeConv2d(16, 32, 3, stride=2, max_density=1.0)(x)  # strided: not handled in C
             SpikeConv2d(16, 24, 1, max_density=1.0)(x)  # 24 outputs: not a multiple of 16
     assert out.requires_grad and calls == [False]
+
+
+@needs_c_compiler
+def test_spike_conv_times_both_paths_on_its_first_spikes_and_keeps_the_faster() -> None:
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(32, 64, 3, padding=1)
+    spike_conv = SpikeConv2d.from_conv(conv)
+    x = (torch.rand(4, 32, 8, 8) < 0.1).float()
+    calls = []
+    with torch.inference_mode(), _counting_spike_convs(calls):
+        spike_conv(x * 0.5)  # not spikes: nothing to decide yet
+        assert spike_conv.spike_driven_faster is None
+        first = spike_conv(x)
+        decided = spike_conv.spike_driven_faster
+        assert isinstance(decided, bool) and calls == [False, True, True, True]  # warm, 2 timed
+        second = spike_conv(x)
+        spike_conv.spike_driven_faster = False
+        spike_conv(x)
+    kept = [True] if decided else []  # the kept path's call, and none when forced dense
+    assert calls == [False, True, True, True, *kept]
+    torch.testing.assert_close(first, conv(x), rtol=0, atol=1e-6)
+    assert torch.equal(first, second)
 
 
 @contextlib.contextmanager

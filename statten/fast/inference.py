@@ -10,6 +10,7 @@ eval model up to the measured deviation documented in docs/performance.md.
 from __future__ import annotations
 
 import copy
+import time
 from typing import Any
 
 import torch
@@ -25,6 +26,9 @@ __all__ = ["SpikeConv2d", "fold_batchnorm", "optimize_for_inference"]
 # convolution on CPU, by kernel size (measured on 2 Zen 4 cores at batches of 4 and 64,
 # benchmarks/spike_conv.py).
 MAX_DENSITY = {1: 0.2, 3: 0.3}
+# Timed calls of each path on a layer's first spike input (after a warm-up call), which
+# picks the path the layer keeps.
+TIMING_CALLS = 2
 
 
 class SpikeConv2d(nn.Conv2d):
@@ -33,12 +37,19 @@ class SpikeConv2d(nn.Conv2d):
     Work grows with the number of spikes instead of the number of inputs (``spike_conv.c``): a
     spiking network's layers see 3-30 % ones. Any other input (other values, more than
     ``max_density`` ones, autograd, GPU, strides, groups) runs the ordinary dense convolution.
+
+    Whether adding spikes beats oneDNN's dense product depends on the layer's shape and on the
+    CPU (on 2 Zen 4 cores it won for the 2-512 model's layers; on a Xeon with a 1.8x faster
+    matmul, and for SDT v2's narrow 1x1 convolutions, it lost). So each layer times both on its
+    first spike input and keeps the faster (``spike_driven_faster``; set it to force a path).
     """
 
     def __init__(self, *args: Any, max_density: float | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         default = MAX_DENSITY.get(self.kernel_size[0], min(MAX_DENSITY.values()))
         self.max_density = default if max_density is None else max_density
+        self._weight_by_tap: tuple[tuple[int, int], torch.Tensor] | None = None
+        self.spike_driven_faster: bool | None = None  # None: not yet timed
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> SpikeConv2d:
@@ -64,22 +75,57 @@ class SpikeConv2d(nn.Conv2d):
             and isinstance(padding, tuple)
             and padding[0] == padding[1]
             and self.out_channels % 16 == 0
+            and self.spike_driven_faster is not False
             and native.library() is not None
+        )
+
+    def _weight_per_tap(self) -> torch.Tensor:
+        """The weight as ``[kh, kw, C_in, C_out]``, the kernel's layout, kept until it changes."""
+        key = (self.weight.data_ptr(), self.weight._version)
+        if self._weight_by_tap is None or self._weight_by_tap[0] != key:
+            weight = self.weight.detach().permute(2, 3, 1, 0).contiguous()
+            self._weight_by_tap = (key, weight)
+        return self._weight_by_tap[1]
+
+    def _add_spikes(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The spike-driven result, or None when ``x`` is not 0/1 or has too many ones."""
+        bias = None if self.bias is None else self.bias.detach()
+        return native.spike_conv2d(
+            x.contiguous(memory_format=torch.channels_last),
+            self._weight_per_tap(),
+            bias,
+            self.padding[0],
+            self.max_density,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._spike_driven(x):
-            bias = None if self.bias is None else self.bias.detach()
-            out = native.spike_conv2d(
-                x.contiguous(memory_format=torch.channels_last),
-                self.weight.detach().permute(2, 3, 1, 0).contiguous(),  # [kh, kw, C_in, C_out]
-                bias,
-                self.padding[0],
-                self.max_density,
-            )
+            if self.spike_driven_faster is None:
+                return self._time_both_paths(x)
+            out = self._add_spikes(x)
             if out is not None:
                 return out
         return super().forward(x)
+
+    def _time_both_paths(self, x: torch.Tensor) -> torch.Tensor:
+        """Run ``x`` both ways, keep the faster path for later calls, return its output."""
+        out = self._add_spikes(x)  # also warms the path up
+        if out is None:  # not spikes, or too dense: decide on a later input
+            return super().forward(x)
+        sparse_s, _ = _fastest_of(TIMING_CALLS, lambda: self._add_spikes(x))
+        dense_s, dense_out = _fastest_of(TIMING_CALLS, lambda: nn.Conv2d.forward(self, x))
+        self.spike_driven_faster = sparse_s < dense_s
+        return out if self.spike_driven_faster else dense_out
+
+
+def _fastest_of(calls: int, run: Any) -> tuple[float, Any]:
+    """The shortest time of ``calls`` runs of ``run()``, and its last result."""
+    best, result = float("inf"), None
+    for _ in range(calls):
+        start = time.perf_counter()
+        result = run()
+        best = min(best, time.perf_counter() - start)
+    return best, result
 
 
 def _folded(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:
