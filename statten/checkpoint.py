@@ -17,6 +17,7 @@ import re
 import shutil
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from types import NoneType, UnionType
 from typing import Any, Union, get_args, get_origin
 
@@ -30,6 +31,7 @@ from statten.models.family import ModelFamily, family_of_arch
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CheckpointError",
+    "checkpoint_source",
     "create_model_from_checkpoint",
     "link_checkpoint",
     "load_checkpoint",
@@ -40,6 +42,7 @@ __all__ = [
 ]
 
 _logger = logging.getLogger("statten.checkpoint")
+_SOURCE: ContextVar[str | None] = ContextVar("statten_checkpoint_source", default=None)
 
 # The "format" of checkpoints statten train writes (they carry the full run configuration).
 CHECKPOINT_FORMAT = "statten-1"
@@ -199,10 +202,25 @@ def _load_weights(
 
 
 @contextmanager
+def checkpoint_source(path: str | os.PathLike) -> Iterator[None]:
+    """Name ``path`` in the errors about a checkpoint that was read from it and is now passed
+    around as a dict (which would otherwise be named just "checkpoint")."""
+    token = _SOURCE.set(os.fspath(path))
+    try:
+        yield
+    finally:
+        _SOURCE.reset(token)
+
+
+@contextmanager
 def _naming(path_or_state: PathOrState) -> Iterator[None]:
     """Prefix each :class:`CheckpointError` raised inside with the file it is about
-    ("checkpoint" for a dict), so that a message read alone says which checkpoint is bad."""
-    source = "checkpoint" if isinstance(path_or_state, Mapping) else os.fspath(path_or_state)
+    ("checkpoint" for a dict outside :func:`checkpoint_source`), so that a message read alone
+    says which checkpoint is bad."""
+    if isinstance(path_or_state, Mapping):
+        source = _SOURCE.get() or "checkpoint"
+    else:
+        source = os.fspath(path_or_state)
     try:
         yield
     except CheckpointError as err:

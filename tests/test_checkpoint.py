@@ -255,7 +255,7 @@ def test_statten_test_of_a_bad_checkpoint_prints_one_line_and_exits_2(
     assert main(["test", *args]) == 2
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1, lines
-    assert lines[0].startswith("statten test: error: ") and "img_size" in lines[0]
+    assert lines[0].startswith(f"statten test: error: {path}: ") and "img_size" in lines[0]
 
 
 def test_a_kill_inside_a_checkpoint_write_leaves_the_previous_checkpoint(tmp_path: Path) -> None:

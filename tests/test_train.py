@@ -278,7 +278,8 @@ def test_mismatched_checkpoint_names_the_difference(
     checkpoint = str(DATA / "static_statten_official_format.pth.tar")
     assert main(["train", *SMALL, "--output", str(tmp_path), "--resume", checkpoint]) == 2
     err = capsys.readouterr().err
-    assert "does not fit the model" in err and "patch_embed.proj_conv.weight" in err
+    assert f"{checkpoint}: checkpoint does not fit the model" in err
+    assert "patch_embed.proj_conv.weight" in err
     with pytest.raises(Exception, match="does not fit"):
         main(["train", *SMALL, "--output", str(tmp_path), "--resume", checkpoint, "--debug"])
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from statten.analysis.energy import E_AC_PJ, E_MAC_PJ, EnergyModel
 from statten.analysis.ops import LayerOps, OpRecorder
-from statten.checkpoint import model_config_from_checkpoint, read_checkpoint
+from statten.checkpoint import checkpoint_source, model_config_from_checkpoint
 from statten.config import ConfigError, StrictParser, at_least, model_config, resolve_config
 from statten.data import create_eval_loader
 from statten.engine.distributed import DistributedContext, init_distributed, shutdown
@@ -223,9 +223,9 @@ def _build_model(cfg: argparse.Namespace) -> tuple[nn.Module, dict[str, Any]]:
     Also returns the report's ``model`` entry: name, config and where the weights come from.
     """
     if cfg.resume:
-        checkpoint = read_checkpoint(cfg.resume)
-        model = load_checkpoint_model(checkpoint, cfg)
-        config = model_config_from_checkpoint(checkpoint)
+        model, checkpoint = load_checkpoint_model(cfg.resume, cfg)
+        with checkpoint_source(cfg.resume):
+            config = model_config_from_checkpoint(checkpoint)
         name, weights = checkpoint.get("arch", "sdt"), str(cfg.resume)
     else:
         random_seed(cfg.seed)

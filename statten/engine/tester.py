@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from statten.checkpoint import create_model_from_checkpoint, read_checkpoint
+from statten.checkpoint import checkpoint_source, create_model_from_checkpoint, read_checkpoint
 from statten.config import ConfigError
 from statten.data import create_eval_loader
 from statten.engine.distributed import init_distributed, shutdown
@@ -21,10 +21,13 @@ from statten.fast import optimize_for_inference
 _logger = logging.getLogger("statten.test")
 
 
-def load_checkpoint_model(checkpoint: dict[str, Any], cfg: argparse.Namespace) -> nn.Module:
-    """The model a checkpoint describes, with its EMA weights when ``--model-ema`` asks for them."""
+def load_checkpoint_model(path: str, cfg: argparse.Namespace) -> tuple[nn.Module, dict[str, Any]]:
+    """The model the checkpoint file ``path`` describes (with its EMA weights when
+    ``--model-ema`` asks for them), and the checkpoint; errors name the file."""
+    checkpoint = read_checkpoint(path)
     use_ema = bool(cfg.model_ema) and "state_dict_ema" in checkpoint
-    return create_model_from_checkpoint(checkpoint, use_ema=use_ema)
+    with checkpoint_source(path):
+        return create_model_from_checkpoint(checkpoint, use_ema=use_ema), checkpoint
 
 
 def test(cfg: argparse.Namespace) -> dict[str, Any]:
@@ -38,7 +41,7 @@ def test(cfg: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError("statten test needs a checkpoint: pass --resume CHECKPOINT")
     ctx = init_distributed(cfg.device, cfg.dist_timeout)
     try:
-        model = load_checkpoint_model(read_checkpoint(cfg.resume), cfg).to(ctx.device)
+        model = load_checkpoint_model(cfg.resume, cfg)[0].to(ctx.device)
         if cfg.fast_inference:
             model = optimize_for_inference(model)
         eval_loader = create_eval_loader(with_process_placement(cfg, ctx), model)

@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from statten.checkpoint import (
     CHECKPOINT_FORMAT,
+    checkpoint_source,
     link_checkpoint,
     load_checkpoint,
     read_checkpoint,
@@ -174,7 +175,8 @@ class Trainer:
 
     def resume(self, checkpoint: dict[str, Any], path: str) -> None:
         """Restore a checkpoint read from ``path``; with ``--no-resume-opt`` only the weights."""
-        load_checkpoint(self.model, checkpoint)
+        with checkpoint_source(path):
+            load_checkpoint(self.model, checkpoint)
         if not continues_run(self.cfg, checkpoint):
             _logger.info("loaded weights from %s (optimizer state not restored)", path)
             return
