@@ -23,11 +23,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import logging
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, NoReturn
 
 import torch
@@ -53,6 +55,7 @@ __all__ = [
     "model_config",
     "parse_bool",
     "parse_config",
+    "parser_defaults",
     "resolve_config",
     "save_config",
     "typed_options",
@@ -683,9 +686,16 @@ def _check_values(cfg: argparse.Namespace) -> None:
         raise ConfigError(f"model {cfg.model}: {err}") from None
 
 
+@functools.cache
+def parser_defaults() -> Mapping[str, Any]:
+    """Every setting's default, in parser order (the same flags for train and test): the one
+    source of defaults, built once."""
+    return MappingProxyType({a.dest: a.default for a in _actions(build_parser("train"))})
+
+
 def _check_ranges(cfg: argparse.Namespace) -> None:
     """Numeric settings within their ranges; optional ones (parser default None) may be None."""
-    optional = {a.dest for a in _actions(build_parser("train")) if a.default is None}
+    optional = {key for key, default in parser_defaults().items() if default is None}
 
     def check(key: str, ok: Callable[[Any], bool], allowed: str) -> None:
         value = getattr(cfg, key)
@@ -705,9 +715,8 @@ def _check_ranges(cfg: argparse.Namespace) -> None:
 
 def _check_supported(cfg: argparse.Namespace) -> None:
     """Refuse a reference flag statten does not implement when it is set (see UNSUPPORTED)."""
-    parser = build_parser("train")
     for key, why in UNSUPPORTED.items():
-        if getattr(cfg, key) != parser.get_default(key):
+        if getattr(cfg, key) != parser_defaults()[key]:
             raise ConfigError(f"--{key.replace('_', '-')} is not supported: {why}")
 
 
@@ -793,8 +802,7 @@ def config_to_dict(cfg: argparse.Namespace) -> dict[str, Any]:
     Attributes that are not flags (e.g. ones a trainer adds at run time) are left out.
     """
     settings = vars(cfg)
-    dests = dict.fromkeys(a.dest for a in _actions(build_parser("train")))
-    return {d: _plain(settings[d], d) for d in dests if d in settings}
+    return {d: _plain(settings[d], d) for d in parser_defaults() if d in settings}
 
 
 def save_config(cfg: argparse.Namespace, path: str | os.PathLike[str]) -> None:

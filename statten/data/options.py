@@ -8,10 +8,9 @@ defaults), except for the few that are not flags (below).
 from __future__ import annotations
 
 from argparse import Namespace
-from functools import cache
 from typing import Any
 
-from statten.config import build_parser
+from statten.config import parser_defaults
 
 # Defaults a partial config gets instead of the parser's: settings that are not flags (the
 # process's place, set by the engine; timm's Python-only names), and the ones it leaves to the
@@ -28,12 +27,8 @@ NOT_FLAGS: dict[str, Any] = {
 }
 
 
-@cache
-def _defaults() -> dict[str, Any]:
-    parser = build_parser("train")
-    return {**{a.dest: a.default for a in parser._actions if a.dest != "help"}, **NOT_FLAGS}
-
-
 def option(cfg: Namespace, name: str) -> Any:
     """``cfg.<name>``, or its default when ``cfg`` lacks it."""
-    return getattr(cfg, name) if hasattr(cfg, name) else _defaults()[name]
+    if hasattr(cfg, name):
+        return getattr(cfg, name)
+    return NOT_FLAGS[name] if name in NOT_FLAGS else parser_defaults()[name]

@@ -241,7 +241,7 @@ class Trainer:
     def save_epoch(self, metric: float) -> None:
         """last, the best ``checkpoint_hist`` by the eval metric, model_best; drop recovery."""
         epoch = self.progress.epoch - 1  # the epoch just finished, as in summary.csv
-        keep = max(int(self.cfg.checkpoint_hist), 1)
+        keep = self.cfg.checkpoint_hist
         lower_is_better = self._metric_name() == "loss"
         ranking = sorted(
             [*self.progress.best, (metric, epoch)], key=lambda b: b[0] if lower_is_better else -b[0]
@@ -268,7 +268,7 @@ class Trainer:
         total = len(self.train_loader)
         bar = _progress_bar(self.ctx, total, skip, epoch, self.cfg.log_interval)
         loss_sum, seen, start = 0.0, 0, time.time()
-        recovery_every = int(self.cfg.recovery_interval or 0)
+        recovery_every = self.cfg.recovery_interval
         for images, targets in self.train_loader:
             loss = self.train_step(images, targets)
             self.progress.batch_in_epoch += 1
