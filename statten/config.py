@@ -461,6 +461,12 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
         help="train with fused LIF layers and 1-byte spikes for backward (docs/performance.md); "
         "bit-identical, on by default; --memory-efficient false turns it off",
     )
+    _flag(
+        g,
+        "--spike-driven",
+        "train: on CPU, convolutions fed spikes compute their output and weight gradient from "
+        "the spikes where measured faster than dense; rounds differently (docs/performance.md)",
+    )
     _add(
         g, "--local-rank --local_rank", 0, "process rank on this node (set by launchers)", type=int
     )

@@ -15,10 +15,15 @@ def list_models() -> list[str]:
     return family_names()
 
 
-def create_model(name: str, **kwargs: Any) -> nn.Module:
+def create_model(name: str, spike_driven: bool = False, **kwargs: Any) -> nn.Module:
     """Build model ``name`` (e.g. ``"sdt"``, ``"spikformer"``) with its keyword arguments.
 
-    The same models are reachable as ``timm.create_model(name, ...)`` once statten is imported.
+    ``spike_driven=True`` sets ``model.spike_driven`` (spike-driven convolutions, opt-in, see
+    :class:`~statten.models.base.SpikingModel`). The same models are reachable as
+    ``timm.create_model(name, ...)`` once statten is imported.
     """
     get_family(name)  # a clear error for an unknown name
-    return timm.create_model(name, **kwargs)
+    model = timm.create_model(name, **kwargs)
+    if spike_driven:
+        model.spike_driven = True
+    return model

@@ -1,4 +1,5 @@
-"""Shared fixtures: the reference's golden vectors (copied from ../shared/reference/golden)."""
+"""Shared fixtures and marks: the reference's golden vectors (copied from
+../shared/reference/golden), and a skip for machines that cannot build the C kernels."""
 
 from __future__ import annotations
 
@@ -8,8 +9,14 @@ from typing import Any
 import pytest
 import torch
 
+from statten.fast import native
+
 DATA = Path(__file__).parent / "data"
 GOLDEN_CASES = ("static_statten", "static_sdt")
+
+needs_c_compiler = pytest.mark.skipif(
+    native.library() is None, reason="the C kernels could not be built (no C compiler?)"
+)
 
 
 def golden_model_config(config: dict[str, Any]) -> dict[str, Any]:

@@ -9,11 +9,10 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
-from conftest import golden_model_config
+from conftest import golden_model_config, needs_c_compiler
 
 import statten
 from statten import bench
@@ -26,7 +25,6 @@ from statten.fast import (
     use_native_kernels,
 )
 from statten.fast.functions import record_saved_tensors
-from statten.fast.inference import SpikeConv2d
 from statten.fast.kernels import lif_input_grad, lif_spikes
 from statten.fast.storage import _Packed, _SpikeStore, _unpack
 from statten.models.base import SpikingModel
@@ -139,9 +137,6 @@ def test_memory_efficient_training_stores_under_40_percent() -> None:
 
 
 KERNELS = {"eager": (False, False), "native": (True, False), "compiled": (False, True)}
-needs_c_compiler = pytest.mark.skipif(
-    native.library() is None, reason="the C kernels could not be built (no C compiler?)"
-)
 
 
 @contextlib.contextmanager
@@ -315,84 +310,6 @@ def test_fold_batchnorm_matches_layer_then_batchnorm(
     with torch.no_grad():
         folded = getattr(holder, f"proj_{kind}")(x)
         torch.testing.assert_close(folded, layers(x), rtol=1e-5, atol=1e-5)
-
-
-@needs_c_compiler
-@pytest.mark.parametrize(
-    ("kernel", "channels", "size", "density"),
-    [(3, (16, 32), 9, 0.1), (1, (48, 80), 5, 0.3), (3, (3, 144), 1, 0.7), (3, (5, 16), 2, 1.0)],
-)  # the last two: all taps but the centre, or half of them, fall in the padding
-def test_spike_conv_adds_the_weights_of_the_spikes(
-    kernel: int, channels: tuple[int, int], size: int, density: float
-) -> None:
-    torch.manual_seed(0)
-    conv = torch.nn.Conv2d(*channels, kernel, padding=kernel // 2)
-    spike_conv = SpikeConv2d.from_conv(conv)
-    spike_conv.max_density, spike_conv.spike_driven_faster = 1.0, True  # not timed: forced
-    x = (torch.rand(3, channels[0], size, size) < density).float()
-    calls = []
-    with torch.inference_mode(), _counting_spike_convs(calls):
-        expected = conv(x)
-        out = spike_conv(x)
-        dense = spike_conv(x * 0.5)  # not spikes: the dense convolution
-    assert calls == [True, False]
-    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)  # the order of the sums differs
-    assert out.is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(dense, conv(x * 0.5))
-
-
-@needs_c_compiler
-def test_spike_conv_runs_dense_when_too_dense_or_under_autograd_or_strided() -> None:
-    torch.manual_seed(0)
-    spike_conv = SpikeConv2d(16, 32, 3, padding=1)
-    x = (torch.rand(2, 16, 6, 6) < 0.5).float()
-    calls = []
-    with _counting_spike_convs(calls):
-        out = spike_conv(x)  # autograd on
-        with torch.inference_mode():
-            spike_conv(x)  # half of the inputs are ones: above max_density
-            SpikeConv2d(16, 32, 3, stride=2, max_density=1.0)(x)  # strided: not handled in C
-            SpikeConv2d(16, 24, 1, max_density=1.0)(x)  # 24 outputs: not a multiple of 16
-    assert out.requires_grad and calls == [False]
-
-
-@needs_c_compiler
-def test_spike_conv_times_both_paths_on_its_first_spikes_and_keeps_the_faster() -> None:
-    torch.manual_seed(0)
-    conv = torch.nn.Conv2d(32, 64, 3, padding=1)
-    spike_conv = SpikeConv2d.from_conv(conv)
-    x = (torch.rand(4, 32, 8, 8) < 0.1).float()
-    calls = []
-    with torch.inference_mode(), _counting_spike_convs(calls):
-        spike_conv(x * 0.5)  # not spikes: nothing to decide yet
-        assert spike_conv.spike_driven_faster is None
-        first = spike_conv(x)
-        decided = spike_conv.spike_driven_faster
-        assert isinstance(decided, bool) and calls == [False, True, True, True]  # warm, 2 timed
-        second = spike_conv(x)
-        spike_conv.spike_driven_faster = False
-        spike_conv(x)
-    kept = [True] if decided else []  # the kept path's call, and none when forced dense
-    assert calls == [False, True, True, True, *kept]
-    torch.testing.assert_close(first, conv(x), rtol=0, atol=1e-6)
-    assert torch.equal(first, second)
-
-
-@contextlib.contextmanager
-def _counting_spike_convs(calls: list[bool]) -> Iterator[None]:
-    """Record, for each call of the C spike convolution, whether it ran (True) or declined."""
-    real = native.spike_conv2d
-
-    def counting(*args: Any) -> torch.Tensor | None:
-        out = real(*args)
-        calls.append(out is not None)
-        return out
-
-    native.spike_conv2d = counting
-    try:
-        yield
-    finally:
-        native.spike_conv2d = real
 
 
 def _neuron_outputs(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list]:

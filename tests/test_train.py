@@ -398,3 +398,25 @@ def test_memory_efficient_is_the_default_and_can_be_turned_off(flag: list[str], 
     with torch.device("meta"):
         trainer = Trainer(cfg, DistributedContext(0, 1, 0, torch.device("meta")))
     assert trainer.model.memory_efficient is lean
+
+
+def test_spike_driven_flag_reaches_the_model() -> None:
+    cfg = parse_config([*SMALL, "--spike-driven"], "train")
+    with torch.device("meta"):
+        trainer = Trainer(cfg, DistributedContext(0, 1, 0, torch.device("meta")))
+    assert trainer.model.spike_driven
+
+
+def test_spike_driven_training_follows_the_exact_run(tmp_path: Path) -> None:
+    """Spike-driven training saves the same checkpoints and learns as the exact path does."""
+    run = train(tmp_path, "--epochs", "2", "--spike-driven")
+    exact = train(tmp_path, "--epochs", "2", name="exact")
+    checkpoint = read_checkpoint(run / "last.pth.tar")
+    assert checkpoint["config"]["spike_driven"] is True
+    assert checkpoint["state_dict"].keys() == weights(exact / "last.pth.tar").keys()
+    losses = [
+        [float(row.split(",")[1]) for row in (path / "summary.csv").read_text().splitlines()[1:]]
+        for path in (run, exact)
+    ]
+    assert losses[0][-1] < 0.8 * losses[0][0]  # it learns
+    assert losses[0][-1] == pytest.approx(losses[1][-1], rel=0.05)

@@ -126,6 +126,7 @@ class Trainer:
         self.model = create_model(cfg.model, **self.model_config).to(ctx.device)
         if cfg.memory_efficient is not None:  # else the model's default
             self.model.memory_efficient = cfg.memory_efficient
+        self.model.spike_driven = cfg.spike_driven
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if ctx.distributed and cfg.sync_bn:

@@ -9,7 +9,8 @@
   indices.
 
 All give outputs, running statistics and gradients bit-identical to the plain layers under
-autograd.
+autograd (with a :class:`~statten.fast.spike_conv.SpikeConv2d`, the spike-driven products are
+used and the results round as those of that layer do).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from statten.fast.kernels import lif_input_grad, lif_spikes
+from statten.fast.spike_conv import SpikeConv2d, conv2d_backward, conv2d_forward
 from statten.fast.storage import mark_spikes, observing_saved_tensors
 
 __all__ = [
@@ -87,7 +89,7 @@ class _ConvBatchNormLIF(torch.autograd.Function):
         recompute: bool,
         pool: nn.MaxPool2d | None,
     ) -> Any:
-        out = conv._conv_forward(x.flatten(0, 1), conv_weight, conv_bias)
+        out = conv2d_forward(conv, x.flatten(0, 1), conv_weight, conv_bias)
         y, mean, invstd = torch.ops.aten.native_batch_norm(
             out, bn_weight, bn_bias, running_mean, running_var, True, bn.momentum, bn.eps
         )
@@ -115,7 +117,7 @@ class _ConvBatchNormLIF(torch.autograd.Function):
         out, ctx.conv_output = ctx.conv_output, None
         if out is None:
             x, conv_weight, conv_bias = ctx.saved_tensors
-            out = conv._conv_forward(x.flatten(0, 1), conv_weight, conv_bias)
+            out = conv2d_forward(conv, x.flatten(0, 1), conv_weight, conv_bias)
             del x
         y = torch.ops.aten.native_batch_norm(out, bn.weight, bn.bias, None, None, True, 0.0, bn.eps)
         grad_y = lif_input_grad(  # into y's memory where the kernels can
@@ -128,12 +130,10 @@ class _ConvBatchNormLIF(torch.autograd.Function):
             [True, *ctx.needs_input_grad[3:5]],
         )  # fmt: skip
         del grad_y, out  # free before the conv input is unpacked and its gradients allocated
-        x, conv_weight, conv_bias = ctx.saved_tensors
-        bias_sizes = None if conv_bias is None else list(conv_bias.shape)
-        grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-            grad_out, x.flatten(0, 1), conv_weight, bias_sizes, conv.stride, conv.padding,
-            conv.dilation, False, [0, 0], conv.groups, list(ctx.needs_input_grad[:3]),
-        )  # fmt: skip
+        x, conv_weight, _ = ctx.saved_tensors
+        grad_x, grad_weight, grad_bias = conv2d_backward(
+            conv, grad_out, x.flatten(0, 1), conv_weight, ctx.needs_input_grad[:3]
+        )
         grad_x = None if grad_x is None else grad_x.unflatten(0, ctx.steps)
         return grad_x, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias, *[None] * 7
 
@@ -153,7 +153,7 @@ def _fusable(conv: nn.Module, bn: nn.Module, x: torch.Tensor) -> bool:
     """
     return (
         not torch.is_autocast_enabled(x.device.type)
-        and type(conv) is nn.Conv2d
+        and type(conv) in (nn.Conv2d, SpikeConv2d)
         and conv.padding_mode == "zeros"
         and isinstance(bn, nn.BatchNorm2d)
         and bn.training

@@ -5,7 +5,8 @@
   memory, counted against every training run), equal in every bit to the eager kernels, and
   able to work in place (``benchmarks/lif_kernels.py``).
 - ``spike_conv.c``: convolution of 0/1 spikes that adds the weights of the inputs that spiked
-  instead of multiplying every input (fast inference, ``benchmarks/spike_conv.py``).
+  instead of multiplying every input, and its weight gradient, which adds output gradients the
+  same way (spike-driven inference and training, ``benchmarks/spike_conv.py``).
 
 The library is cached under ``$STATTEN_CACHE`` (default ``~/.cache/statten``; the folder and
 the library must belong to the user and be writable by nobody else, or the torch operations are
@@ -32,7 +33,15 @@ from pathlib import Path
 import torch
 from torch.profiler import record_function
 
-__all__ = ["available", "library", "lif_charge", "lif_grad", "lif_spikes", "spike_conv2d"]
+__all__ = [
+    "available",
+    "library",
+    "lif_charge",
+    "lif_grad",
+    "lif_spikes",
+    "spike_conv2d",
+    "spike_conv2d_weight_grad",
+]
 
 SOURCES = [Path(__file__).with_name(name) for name in ("lif.c", "spike_conv.c")]
 HEADERS = [Path(__file__).with_name("parallel.h")]
@@ -94,6 +103,9 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib.statten_lif_grad.argtypes = [ptr, ptr, ptr, ptr, i64, i64, f32, f32, i32]
     lib.statten_spike_conv2d.argtypes = [
         ptr, i64, i64, i64, i64, ptr, ptr, i64, i64, i64, i64, ptr, ctypes.c_double, i32
+    ]  # fmt: skip
+    lib.statten_spike_conv2d_weight_grad.argtypes = [
+        ptr, i64, i64, i64, i64, ptr, i64, i64, i64, i64, ptr, ctypes.c_double, i32
     ]  # fmt: skip
     return lib
 
@@ -202,3 +214,27 @@ def spike_conv2d(
     if status < 0:
         raise MemoryError("statten: out of memory in the spike convolution")
     return out if status == 0 else None
+
+
+def spike_conv2d_weight_grad(
+    x: torch.Tensor, grad_out: torch.Tensor, kernel_size: tuple[int, int], padding: int,
+    max_density: float,
+) -> torch.Tensor | None:  # fmt: skip
+    """The weight gradient of ``conv2d(x, w, stride 1, padding)`` for 0/1 ``x``, laid out
+    ``[kh, kw, C, C_out]``, adding the output gradients at the spikes.
+
+    ``x [N, C, H, W]`` and ``grad_out [N, C_out, OH, OW]`` channels-last float32 on CPU. None
+    when ``x`` holds another value than 0 and 1 or more than ``max_density`` of ones.
+    """
+    n, cin, h, w = x.shape
+    cout = grad_out.shape[1]
+    kh, kw = kernel_size
+    grad_weight = torch.zeros(kh, kw, cin, cout)
+    with record_function("statten::spike_conv2d_weight_grad"):
+        status = library().statten_spike_conv2d_weight_grad(
+            x.data_ptr(), n, h, w, cin, grad_out.data_ptr(), cout, kh, kw, padding,
+            grad_weight.data_ptr(), max_density, torch.get_num_threads(),
+        )  # fmt: skip
+    if status < 0:
+        raise MemoryError("statten: out of memory in the spike convolution's weight gradient")
+    return grad_weight if status == 0 else None

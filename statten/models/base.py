@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from statten.fast.functions import use_fused_neurons
+from statten.fast.spike_conv import SpikeConv2d, spike_driven_convolutions
 from statten.fast.storage import spike_storage
 
 __all__ = ["SpikingModel"]
@@ -51,6 +52,17 @@ class SpikingModel(nn.Module):
     def memory_efficient(self, enabled: bool) -> None:
         self._memory_efficient = bool(enabled)
         use_fused_neurons(self, self._memory_efficient)
+
+    @property
+    def spike_driven(self) -> bool:
+        """Spike-driven convolutions (:mod:`statten.fast.spike_conv`): on CPU, the output and the
+        weight gradient of every convolution fed spikes add weights or gradients at the spikes
+        where, by measurement, that beats the dense product. Not bit-identical (opt-in)."""
+        return any(isinstance(module, SpikeConv2d) for module in self.modules())
+
+    @spike_driven.setter
+    def spike_driven(self, enabled: bool) -> None:
+        spike_driven_convolutions(self, bool(enabled))
 
     def get_classifier(self) -> nn.Module:
         return self.head

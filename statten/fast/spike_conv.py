@@ -1,0 +1,279 @@
+"""Spike-driven convolutions on CPU, for inference and for training.
+
+A spiking network's convolutions are mostly fed 0/1 spikes at 3-30 % density. Two of the three
+products of a convolution multiply by that input: the output and the weight gradient. For both,
+the C kernels of ``spike_conv.c`` add weights (or output gradients) at the spikes instead of
+multiplying every input, so their work grows with the number of spikes. The input gradient
+multiplies the dense output gradient by the weights and stays oneDNN's.
+
+Whether adding spikes beats oneDNN's dense product depends on the layer's shape, the density and
+the CPU, so each :class:`SpikeConv2d` measures it: on its first spike input it times both paths
+for each product and keeps the density up to which the spike-driven one is faster (its
+crossover); from then on every call compares the input's density with it. The sums run in
+another order than the dense ones, so results differ at the rounding level (spike-driven training
+is opt-in; its measured deviation is in docs/performance.md), and, since the crossovers are
+timed, two runs of the same seed may take different paths.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from statten.fast import native
+
+__all__ = ["SpikeConv2d", "conv2d_backward", "conv2d_forward", "spike_driven_convolutions"]
+
+# Timed calls of each path on a layer's first spike input (after a warm-up call).
+TIMING_CALLS = 2
+# The density assumed when timing an input with fewer spikes, so that a layer first fed (almost)
+# no spikes does not conclude that the spike-driven path never pays.
+MIN_TIMED_DENSITY = 0.01
+
+
+class SpikeConv2d(nn.Conv2d):
+    """A convolution that, fed 0/1 spikes on CPU, adds the weights of the spikes.
+
+    Under autograd the weight gradient adds the output gradients at the spikes the same way.
+    Inputs the C kernels do not take (other values, GPU, strides, groups, a number of outputs
+    that is not a multiple of 16) run the ordinary dense convolution.
+
+    ``max_density`` and ``max_density_weight_grad`` are the densities of ones up to which the
+    output and the weight gradient are spike-driven: None until measured on the first spike
+    input (see the module's docstring); set them to force a path (0: dense, 1: spike-driven).
+    """
+
+    def __init__(self, *args: Any, max_density: float | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_density = max_density
+        self.max_density_weight_grad: float | None = None
+        self._weight_by_tap: tuple[tuple[int, int], torch.Tensor] | None = None
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d) -> SpikeConv2d:
+        """The same convolution, sharing ``conv``'s parameters, as a :class:`SpikeConv2d`."""
+        spike_conv = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+            conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, device="meta",
+        )  # fmt: skip
+        spike_conv.weight, spike_conv.bias = conv.weight, conv.bias
+        spike_conv.train(conv.training)
+        return spike_conv
+
+    def to_conv(self) -> nn.Conv2d:
+        """The plain ``nn.Conv2d`` sharing this layer's parameters."""
+        conv = nn.Conv2d(
+            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+            self.dilation, self.groups, self.bias is not None, self.padding_mode, device="meta",
+        )  # fmt: skip
+        conv.weight, conv.bias = self.weight, self.bias
+        conv.train(self.training)
+        return conv
+
+    def handles(self, x: torch.Tensor) -> bool:
+        """Whether the C kernels take ``x`` with this layer's shape (whatever its values)."""
+        padding = self.padding
+        return (
+            x.dim() == 4
+            and x.device.type == "cpu"
+            and x.dtype == self.weight.dtype == torch.float32
+            and self.stride == (1, 1)
+            and self.dilation == (1, 1)
+            and self.groups == 1
+            and self.padding_mode == "zeros"
+            and isinstance(padding, tuple)
+            and padding[0] == padding[1]
+            and self.out_channels % 16 == 0
+            and native.library() is not None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.handles(x):
+            return super().forward(x)
+        if torch.is_grad_enabled():
+            return _SpikeConv.apply(x, self.weight, self.bias, self)
+        return self.product(x, self.weight, self.bias)
+
+    def product(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``conv(x)`` with ``weight`` and ``bias``, outside autograd; spike-driven while ``x``
+        is spikes at a density below the crossover."""
+        x, weight = x.detach(), weight.detach()
+        bias = None if bias is None else bias.detach()
+        if not self.handles(x) or self.max_density == 0.0:
+            return self._conv_forward(x, weight, bias)
+        spikes = x.contiguous(memory_format=torch.channels_last)
+        taps = self._weight_per_tap(weight)
+
+        def spike_driven(limit: float) -> torch.Tensor | None:
+            return native.spike_conv2d(spikes, taps, bias, self.padding[0], limit)
+
+        out, self.max_density = _crossing(
+            spike_driven, lambda: self._conv_forward(x, weight, bias), x, self.max_density
+        )
+        return out
+
+    def weight_grad(
+        self, x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor
+    ) -> torch.Tensor:
+        """The gradient w.r.t. ``weight`` of ``conv(x)`` given ``grad_out``; spike-driven while
+        ``x`` is spikes at a density below the crossover."""
+        x, grad_out = x.detach(), grad_out.detach()
+        if not self.handles(x) or self.max_density_weight_grad == 0.0:
+            return self._dense_grads(grad_out, x, weight, (False, True, False))[1]
+        spikes = x.contiguous(memory_format=torch.channels_last)
+        grad = grad_out.contiguous(memory_format=torch.channels_last)
+
+        def spike_driven(limit: float) -> torch.Tensor | None:
+            taps = native.spike_conv2d_weight_grad(
+                spikes, grad, self.kernel_size, self.padding[0], limit
+            )
+            return (
+                None if taps is None else torch.empty_like(weight).copy_(taps.permute(3, 2, 0, 1))
+            )
+
+        def dense() -> torch.Tensor:
+            return self._dense_grads(grad_out, x, weight, (False, True, False))[1]
+
+        grad, self.max_density_weight_grad = _crossing(
+            spike_driven, dense, x, self.max_density_weight_grad
+        )
+        return grad
+
+    def grads(
+        self,
+        grad_out: torch.Tensor,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        output_mask: Sequence[bool],
+    ) -> tuple[torch.Tensor | None, ...]:
+        """Gradients w.r.t. ``(x, weight, bias)`` where ``output_mask`` asks for them: the input
+        and bias gradients dense, the weight gradient by :meth:`weight_grad`."""
+        needs_x, needs_weight, needs_bias = output_mask
+        grad_x, _, grad_bias = self._dense_grads(grad_out, x, weight, (needs_x, False, needs_bias))
+        grad_weight = self.weight_grad(x, grad_out, weight) if needs_weight else None
+        return grad_x, grad_weight, grad_bias
+
+    def _dense_grads(
+        self,
+        grad_out: torch.Tensor,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        output_mask: Sequence[bool],
+    ) -> tuple[torch.Tensor | None, ...]:
+        if not any(output_mask):
+            return None, None, None
+        bias_sizes = [self.out_channels] if self.bias is not None else None
+        return torch.ops.aten.convolution_backward(
+            grad_out, x, weight.detach(), bias_sizes, self.stride, self.padding, self.dilation,
+            False, [0, 0], self.groups, list(output_mask),
+        )  # fmt: skip
+
+    def _weight_per_tap(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` as ``[kh, kw, C_in, C_out]``, the kernels' layout, kept until it changes."""
+        key = (weight.data_ptr(), weight._version)
+        if self._weight_by_tap is None or self._weight_by_tap[0] != key:
+            self._weight_by_tap = (key, weight.permute(2, 3, 1, 0).contiguous())
+        return self._weight_by_tap[1]
+
+
+class _SpikeConv(torch.autograd.Function):
+    """A :class:`SpikeConv2d` under autograd: both products that multiply by ``x`` spike-driven."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        conv: SpikeConv2d,
+    ) -> Any:
+        ctx.save_for_backward(x, weight)
+        ctx.conv = conv
+        return conv.product(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        return *ctx.conv.grads(grad_out, x, weight, ctx.needs_input_grad[:3]), None
+
+
+def _crossing(
+    spike_driven: Callable[[float], torch.Tensor | None],
+    dense: Callable[[], torch.Tensor],
+    x: torch.Tensor,
+    max_density: float | None,
+) -> tuple[torch.Tensor, float | None]:
+    """The product by the path ``max_density`` picks for ``x``, and the crossover for later.
+
+    ``spike_driven(limit)`` returns None when ``x`` is not 0/1 or has more than ``limit`` ones.
+    An unmeasured crossover (None) is measured on the first spike input: both paths timed, the
+    spike-driven time taken as proportional to the density.
+    """
+    if max_density is not None:
+        out = spike_driven(max_density)
+        return (dense() if out is None else out), max_density
+    out = spike_driven(1.0)  # also warms the path up
+    if out is None:  # not spikes: measure on a later input
+        return dense(), None
+    density = max(x.count_nonzero().item() / x.numel(), MIN_TIMED_DENSITY)
+    spike_driven_s, out = _fastest_of(TIMING_CALLS, lambda: spike_driven(1.0))
+    dense_s, _ = _fastest_of(TIMING_CALLS, dense)
+    return out, min(1.0, density * dense_s / spike_driven_s)
+
+
+def _fastest_of(calls: int, run: Callable[[], Any]) -> tuple[float, Any]:
+    """The shortest time of ``calls`` runs of ``run()``, and its last result."""
+    best, result = float("inf"), None
+    for _ in range(calls):
+        start = time.perf_counter()
+        result = run()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def conv2d_forward(
+    conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``conv``'s output for ``x`` outside autograd (spike-driven for a :class:`SpikeConv2d`)."""
+    if isinstance(conv, SpikeConv2d):
+        return conv.product(x, weight, bias)
+    return conv._conv_forward(x, weight, bias)
+
+
+def conv2d_backward(
+    conv: nn.Conv2d,
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    output_mask: Sequence[bool],
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of ``conv`` w.r.t. ``(x, weight, bias)`` where ``output_mask`` asks for them
+    (the weight gradient spike-driven for a :class:`SpikeConv2d`)."""
+    if isinstance(conv, SpikeConv2d):
+        return conv.grads(grad_out, x, weight, output_mask)
+    bias_sizes = None if conv.bias is None else [conv.out_channels]
+    return torch.ops.aten.convolution_backward(
+        grad_out, x, weight, bias_sizes, conv.stride, conv.padding, conv.dilation, False,
+        [0, 0], conv.groups, list(output_mask),
+    )  # fmt: skip
+
+
+def spike_driven_convolutions(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Turn every ``nn.Conv2d`` of ``model`` (in place) into a :class:`SpikeConv2d` sharing its
+    parameters, or, with ``enabled=False``, every :class:`SpikeConv2d` back into an ``nn.Conv2d``.
+
+    Modules are replaced: hooks registered on the old ones do not move to the new ones.
+    """
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if enabled and type(child) is nn.Conv2d:
+                setattr(module, name, SpikeConv2d.from_conv(child))
+            elif not enabled and isinstance(child, SpikeConv2d):
+                setattr(module, name, child.to_conv())
+    return model

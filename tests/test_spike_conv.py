@@ -1,0 +1,222 @@
+"""statten.fast.spike_conv: spike-driven convolutions give the dense results up to the order of
+their sums, in inference and in training, and choose their path by measured crossovers."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from conftest import needs_c_compiler
+
+import statten
+from statten.fast import native
+from statten.fast.spike_conv import SpikeConv2d
+
+SHAPES = [(3, (16, 32), 9, 0.1), (1, (48, 80), 5, 0.3), (3, (3, 144), 1, 0.7), (3, (5, 16), 2, 1.0)]
+# the last two: all taps but the centre, or half of them, fall in the padding
+
+
+@needs_c_compiler
+@pytest.mark.parametrize(("kernel", "channels", "size", "density"), SHAPES)
+def test_spike_conv_adds_the_weights_of_the_spikes(
+    kernel: int, channels: tuple[int, int], size: int, density: float
+) -> None:
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(*channels, kernel, padding=kernel // 2)
+    spike_conv = SpikeConv2d.from_conv(conv)
+    spike_conv.max_density = 1.0  # not timed: forced
+    x = (torch.rand(3, channels[0], size, size) < density).float()
+    calls = []
+    with torch.inference_mode(), _counting_spike_convs(calls):
+        expected = conv(x)
+        out = spike_conv(x)
+        dense = spike_conv(x * 0.5)  # not spikes: the dense convolution
+    assert calls == [True, False]
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)  # the order of the sums differs
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(dense, conv(x * 0.5))
+
+
+@needs_c_compiler
+def test_spike_conv_runs_dense_when_too_dense_or_strided() -> None:
+    torch.manual_seed(0)
+    spike_conv = SpikeConv2d(16, 32, 3, padding=1, max_density=0.3)
+    x = (torch.rand(2, 16, 6, 6) < 0.5).float()
+    calls = []
+    with torch.inference_mode(), _counting_spike_convs(calls):
+        spike_conv(x)  # half of the inputs are ones: above max_density
+        SpikeConv2d(16, 32, 3, stride=2, max_density=1.0)(x)  # strided: not handled in C
+        SpikeConv2d(16, 24, 1, max_density=1.0)(x)  # 24 outputs: not a multiple of 16
+    assert calls == [False]
+
+
+@needs_c_compiler
+def test_spike_conv_measures_its_crossover_on_its_first_spikes() -> None:
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(32, 64, 3, padding=1)
+    spike_conv = SpikeConv2d.from_conv(conv)
+    x = (torch.rand(4, 32, 8, 8) < 0.1).float()
+    calls = []
+    with torch.inference_mode(), _counting_spike_convs(calls):
+        spike_conv(x * 0.5)  # not spikes: nothing to measure yet
+        assert spike_conv.max_density is None
+        first = spike_conv(x)
+        crossover = spike_conv.max_density
+        assert 0 < crossover <= 1 and calls == [False, True, True, True]  # warm-up, 2 timed
+        second = spike_conv(x)
+        spike_conv.max_density = 0.0  # forced dense: the C kernel is not even asked
+        spike_conv(x)
+    assert calls == [False, True, True, True, crossover >= 0.1]
+    torch.testing.assert_close(first, conv(x), rtol=0, atol=1e-6)
+    assert crossover < 0.1 or torch.equal(first, second)
+
+
+@contextlib.contextmanager
+def _counting_spike_convs(calls: list[bool]) -> Iterator[None]:
+    """Record, for each call of the C spike convolution, whether it ran (True) or declined."""
+    real = native.spike_conv2d
+
+    def counting(*args: Any) -> torch.Tensor | None:
+        out = real(*args)
+        calls.append(out is not None)
+        return out
+
+    native.spike_conv2d = counting
+    try:
+        yield
+    finally:
+        native.spike_conv2d = real
+
+
+@needs_c_compiler
+@pytest.mark.parametrize(("kernel", "channels", "size", "density"), SHAPES)
+def test_spike_conv_weight_grad_adds_the_output_gradients_at_the_spikes(
+    kernel: int, channels: tuple[int, int], size: int, density: float
+) -> None:
+    torch.manual_seed(0)
+    x = (torch.rand(3, channels[0], size, size) < density).float()
+    grad_out = torch.randn(3, channels[1], size, size)
+    weight = torch.randn(channels[1], channels[0], kernel, kernel)
+    expected = torch.ops.aten.convolution_backward(
+        grad_out, x, weight, None, [1, 1], [kernel // 2] * 2, [1, 1], False, [0, 0], 1,
+        [False, True, False],
+    )[1]  # fmt: skip
+    channels_last = torch.channels_last
+    taps = native.spike_conv2d_weight_grad(
+        x.contiguous(memory_format=channels_last), grad_out.contiguous(memory_format=channels_last),
+        (kernel, kernel), kernel // 2, 1.0,
+    )  # fmt: skip
+    torch.testing.assert_close(taps.permute(3, 2, 0, 1), expected, rtol=0, atol=1e-5)
+    assert native.spike_conv2d_weight_grad(x * 0.5, grad_out, (kernel, kernel), 0, 1.0) is None
+
+
+def _forced(conv: torch.nn.Conv2d, density: float) -> SpikeConv2d:
+    spike_conv = SpikeConv2d.from_conv(conv)
+    spike_conv.max_density = spike_conv.max_density_weight_grad = density
+    return spike_conv
+
+
+@needs_c_compiler
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_spike_conv_trains_like_the_dense_layer(kernel: int) -> None:
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(24, 32, kernel, padding=kernel // 2)
+    x = (torch.rand(4, 24, 7, 7) < 0.2).float().requires_grad_()
+    grad_out = torch.randn(4, 32, 7, 7)
+    expected = torch.autograd.grad(conv(x), (x, conv.weight, conv.bias), grad_out)
+    calls: list[str] = []
+    with _counting_kernels(calls):
+        spike_driven = torch.autograd.grad(
+            _forced(conv, 1.0)(x), (x, conv.weight, conv.bias), grad_out
+        )
+        dense = torch.autograd.grad(_forced(conv, 0.0)(x), (x, conv.weight, conv.bias), grad_out)
+    assert calls == ["output", "weight_grad"]  # forced dense: the C kernels are not asked
+    for got, want in zip(spike_driven, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    for got, want in zip(dense, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+@needs_c_compiler
+def test_spike_conv_measures_the_weight_gradient_crossover_in_its_first_backward() -> None:
+    torch.manual_seed(0)
+    spike_conv = SpikeConv2d(32, 64, 3, padding=1)
+    x = (torch.rand(4, 32, 8, 8) < 0.1).float()
+    assert spike_conv.max_density_weight_grad is None
+    spike_conv(x * 0.5).sum().backward()  # not spikes: nothing measured
+    assert spike_conv.max_density is None and spike_conv.max_density_weight_grad is None
+    spike_conv(x).sum().backward()
+    assert 0 < spike_conv.max_density <= 1 and 0 < spike_conv.max_density_weight_grad <= 1
+
+
+@contextlib.contextmanager
+def _counting_kernels(calls: list[str]) -> Iterator[None]:
+    """Record which spike-driven C kernel ran (``"output"``, ``"weight_grad"``), each time."""
+    real = native.spike_conv2d, native.spike_conv2d_weight_grad
+
+    def counting(name: str, kernel: Any) -> Any:
+        def run(*args: Any) -> torch.Tensor | None:
+            out = kernel(*args)
+            if out is not None:
+                calls.append(name)
+            return out
+
+        return run
+
+    native.spike_conv2d = counting("output", real[0])
+    native.spike_conv2d_weight_grad = counting("weight_grad", real[1])
+    try:
+        yield
+    finally:
+        native.spike_conv2d, native.spike_conv2d_weight_grad = real
+
+
+TINY_SDT = {"img_size": 16, "embed_dims": 64, "num_heads": 4, "depths": 1, "num_classes": 5, "T": 2}
+
+
+def test_spike_driven_switch_replaces_the_convolutions_and_keeps_the_parameters() -> None:
+    model = statten.create_model("sdt", **TINY_SDT, spike_driven=True)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert model.spike_driven and all(type(m) is SpikeConv2d for m in convs)
+    parameters = dict(model.named_parameters())
+    model.spike_driven = False
+    assert not model.spike_driven
+    assert all(
+        type(m) is torch.nn.Conv2d for m in model.modules() if isinstance(m, torch.nn.Conv2d)
+    )
+    assert all(parameters[name] is p for name, p in model.named_parameters())
+    assert not statten.create_model("sdt", **TINY_SDT).spike_driven
+
+
+@needs_c_compiler
+@pytest.mark.parametrize("memory_efficient", [True, False])
+def test_spike_driven_training_step_stays_close_to_the_exact_one(memory_efficient: bool) -> None:
+    """Every spike-fed convolution forced spike-driven: gradients within the documented bound."""
+    torch.manual_seed(0)
+    config = {**TINY_SDT, "memory_efficient": memory_efficient}
+    exact = statten.create_model("sdt", **config).train()
+    spike_driven = statten.create_model("sdt", **config, spike_driven=True).train()
+    spike_driven.load_state_dict(exact.state_dict())
+    for module in spike_driven.modules():
+        if isinstance(module, SpikeConv2d):
+            module.max_density = module.max_density_weight_grad = 1.0
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2
+    calls: list[str] = []
+    exact(x).sum().backward()
+    with _counting_kernels(calls):
+        spike_driven(x).sum().backward()
+    spike_fed = (
+        sum(isinstance(m, SpikeConv2d) for m in spike_driven.modules()) - 1
+    )  # not the image's
+    assert calls.count("weight_grad") == spike_fed and calls.count("output") >= spike_fed
+    gradients = dict(spike_driven.named_parameters())
+    # Floored for the biases in front of a training BatchNorm, whose true gradient is 0.
+    floor = max(p.grad.norm() for p in exact.parameters()) * 1e-2
+    errors = {
+        name: ((gradients[name].grad - p.grad).norm() / p.grad.norm().clamp_min(floor)).item()
+        for name, p in exact.named_parameters()
+    }
+    assert max(errors.values()) < 1e-3, sorted(errors.items(), key=lambda item: -item[1])[:3]
