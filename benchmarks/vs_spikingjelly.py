@@ -9,7 +9,9 @@ alpha 4, as the reference), a random batch, cross-entropy on the time-averaged l
 Each variant runs in its own process (peak RSS, ``VmHWM``, is per process), the processes
 alternate over ``--rounds`` so that a slow spell of the machine hits every variant; the speed is
 the median step time over all rounds. Variants: ``spikingjelly``, ``statten`` (``create_model``
-as a user gets it), ``statten-plain`` (``memory_efficient=False``).
+as a user gets it), ``statten-plain`` (``memory_efficient=False``) and ``statten-spike``
+(``spike_driven=True``: convolutions fed spikes compute their output and weight gradient from the
+spikes where each layer measured that faster; the warm-up step measures the crossovers).
 
     .venv/bin/python benchmarks/vs_spikingjelly.py [--batch 16] [--steps 5] [--rounds 2] [--json F]
 """
@@ -30,7 +32,12 @@ from spikingjelly.activation_based import functional
 from statten.bench import peak_rss_bytes
 
 RECIPE = {"embed_dims": 512, "num_heads": 8, "mlp_ratio": 4, "T": 4, "num_classes": 10}
-VARIANTS = ("spikingjelly", "statten", "statten-plain")
+VARIANTS = ("spikingjelly", "statten", "statten-plain", "statten-spike")
+OPTIONS = {
+    "statten": {},
+    "statten-plain": {"memory_efficient": False},
+    "statten-spike": {"spike_driven": True},
+}
 
 
 def build(variant: str) -> torch.nn.Module:
@@ -46,9 +53,8 @@ def build(variant: str) -> torch.nn.Module:
         ).train()  # fmt: skip
     import statten
 
-    lean = {} if variant == "statten" else {"memory_efficient": False}
     return statten.create_model(
-        "sdt", **RECIPE, depths=2, img_size=32, pooling_stat="0011", **lean
+        "sdt", **RECIPE, depths=2, img_size=32, pooling_stat="0011", **OPTIONS[variant]
     ).train()
 
 
@@ -96,10 +102,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     args = parser.parse_args()
-    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    if "spikingjelly" not in args.variants:
+        parser.error("--variants must include spikingjelly, the baseline")
+    runs: dict[str, list[dict]] = {v: [] for v in args.variants}
     for _ in range(args.rounds):
-        for variant in VARIANTS:
+        for variant in args.variants:
             runs[variant].append(run_isolated(variant, args.batch, args.steps))
     summary = {}
     for variant, results in runs.items():

@@ -17,18 +17,28 @@ from statten.fast.spike_conv import SpikeConv2d
 
 SHAPES = [(3, (16, 32), 9, 0.1), (1, (48, 80), 5, 0.3), (3, (3, 144), 1, 0.7), (3, (5, 16), 2, 1.0)]
 # the last two: all taps but the centre, or half of them, fall in the padding
+LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def _laid_out(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """``x`` contiguous, channels-last, or (``"transposed"``) neither: a view with H and W swapped
+    in memory, which the kernels' callers copy."""
+    if layout == "transposed":
+        return x.transpose(2, 3).contiguous().transpose(2, 3)
+    return x.contiguous(memory_format=LAYOUTS[layout])
 
 
 @needs_c_compiler
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed"])
 @pytest.mark.parametrize(("kernel", "channels", "size", "density"), SHAPES)
 def test_spike_conv_adds_the_weights_of_the_spikes(
-    kernel: int, channels: tuple[int, int], size: int, density: float
+    kernel: int, channels: tuple[int, int], size: int, density: float, layout: str
 ) -> None:
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(*channels, kernel, padding=kernel // 2)
     spike_conv = SpikeConv2d.from_conv(conv)
     spike_conv.max_density = 1.0  # not timed: forced
-    x = (torch.rand(3, channels[0], size, size) < density).float()
+    x = _laid_out((torch.rand(3, channels[0], size, size) < density).float(), layout)
     calls = []
     with torch.inference_mode(), _counting_spike_convs(calls):
         expected = conv(x)
@@ -36,7 +46,7 @@ def test_spike_conv_adds_the_weights_of_the_spikes(
         dense = spike_conv(x * 0.5)  # not spikes: the dense convolution
     assert calls == [True, False]
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)  # the order of the sums differs
-    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert out.is_contiguous(memory_format=LAYOUTS.get(layout, torch.contiguous_format))
     assert torch.equal(dense, conv(x * 0.5))
 
 
@@ -92,9 +102,13 @@ def _counting_spike_convs(calls: list[bool]) -> Iterator[None]:
 
 
 @needs_c_compiler
+@pytest.mark.parametrize(
+    "layouts", [("contiguous", "contiguous"), ("channels_last", "contiguous"),
+                ("contiguous", "channels_last"), ("transposed", "channels_last")],
+)  # fmt: skip
 @pytest.mark.parametrize(("kernel", "channels", "size", "density"), SHAPES)
 def test_spike_conv_weight_grad_adds_the_output_gradients_at_the_spikes(
-    kernel: int, channels: tuple[int, int], size: int, density: float
+    kernel: int, channels: tuple[int, int], size: int, density: float, layouts: tuple[str, str]
 ) -> None:
     torch.manual_seed(0)
     x = (torch.rand(3, channels[0], size, size) < density).float()
@@ -104,11 +118,13 @@ def test_spike_conv_weight_grad_adds_the_output_gradients_at_the_spikes(
         grad_out, x, weight, None, [1, 1], [kernel // 2] * 2, [1, 1], False, [0, 0], 1,
         [False, True, False],
     )[1]  # fmt: skip
-    channels_last = torch.channels_last
     taps = native.spike_conv2d_weight_grad(
-        x.contiguous(memory_format=channels_last), grad_out.contiguous(memory_format=channels_last),
-        (kernel, kernel), kernel // 2, 1.0,
-    )  # fmt: skip
+        _laid_out(x, layouts[0]),
+        _laid_out(grad_out, layouts[1]),
+        (kernel, kernel),
+        kernel // 2,
+        1.0,
+    )
     torch.testing.assert_close(taps.permute(3, 2, 0, 1), expected, rtol=0, atol=1e-5)
     assert native.spike_conv2d_weight_grad(x * 0.5, grad_out, (kernel, kernel), 0, 1.0) is None
 

@@ -102,10 +102,10 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib.statten_lif_charge.argtypes = [ptr, ptr, ptr, i64, i64, f32, f32, f32, i32]
     lib.statten_lif_grad.argtypes = [ptr, ptr, ptr, ptr, i64, i64, f32, f32, i32]
     lib.statten_spike_conv2d.argtypes = [
-        ptr, i64, i64, i64, i64, ptr, ptr, i64, i64, i64, i64, ptr, ctypes.c_double, i32
+        ptr, ptr, i64, i64, i64, i64, ptr, ptr, i64, i64, i64, i64, ptr, ptr, ctypes.c_double, i32
     ]  # fmt: skip
     lib.statten_spike_conv2d_weight_grad.argtypes = [
-        ptr, i64, i64, i64, i64, ptr, i64, i64, i64, i64, ptr, ctypes.c_double, i32
+        ptr, ptr, i64, i64, i64, i64, ptr, ptr, i64, i64, i64, i64, ptr, ctypes.c_double, i32
     ]  # fmt: skip
     return lib
 
@@ -186,6 +186,21 @@ def lif_grad(
     return sig
 
 
+def in_kernel_layout(x: torch.Tensor) -> torch.Tensor:
+    """``x [N, C, H, W]`` as it is if contiguous or channels-last (the layouts the spike
+    convolution kernels read and write), else a contiguous copy."""
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    return x.contiguous()
+
+
+def _strides(x: torch.Tensor) -> ctypes.Array:
+    """The ``[image, channel, position]`` element strides of ``x`` (in a kernel layout; a
+    one-column ``x`` may carry any stride on its last axis)."""
+    position = x.stride(3) if x.shape[3] > 1 else x.stride(2)
+    return (ctypes.c_int64 * 3)(x.stride(0), x.stride(1), position)
+
+
 def spike_conv2d(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -195,21 +210,22 @@ def spike_conv2d(
 ) -> torch.Tensor | None:
     """``conv2d(x, w, bias, stride 1, padding)`` for 0/1 ``x``, adding the weights of the spikes.
 
-    ``x [N, C, H, W]`` channels-last float32 on CPU, ``weight`` laid out ``[kh, kw, C, C_out]``
-    (contiguous). None when ``x`` holds another value than 0 and 1 or more than ``max_density``
-    of ones: the caller then runs the dense convolution.
+    ``x [N, C, H, W]`` float32 on CPU, contiguous or channels-last (the output takes its layout),
+    ``weight`` laid out ``[kh, kw, C, C_out]`` (contiguous). None when ``x`` holds another value
+    than 0 and 1 or more than ``max_density`` of ones: the caller then runs the dense convolution.
     """
+    x = in_kernel_layout(x)
     n, cin, h, w = x.shape
     kh, kw, _, cout = weight.shape
+    layout = torch.contiguous_format if x.is_contiguous() else torch.channels_last
     out = torch.empty(
-        (n, cout, h + 2 * padding - kh + 1, w + 2 * padding - kw + 1),
-        memory_format=torch.channels_last,
+        (n, cout, h + 2 * padding - kh + 1, w + 2 * padding - kw + 1), memory_format=layout
     )
     with record_function("statten::spike_conv2d"):
         status = library().statten_spike_conv2d(
-            x.data_ptr(), n, h, w, cin, weight.data_ptr(),
+            x.data_ptr(), _strides(x), n, h, w, cin, weight.data_ptr(),
             None if bias is None else bias.data_ptr(), cout, kh, kw, padding,
-            out.data_ptr(), max_density, torch.get_num_threads(),
+            out.data_ptr(), _strides(out), max_density, torch.get_num_threads(),
         )  # fmt: skip
     if status < 0:
         raise MemoryError("statten: out of memory in the spike convolution")
@@ -217,23 +233,28 @@ def spike_conv2d(
 
 
 def spike_conv2d_weight_grad(
-    x: torch.Tensor, grad_out: torch.Tensor, kernel_size: tuple[int, int], padding: int,
+    x: torch.Tensor,
+    grad_out: torch.Tensor,
+    kernel_size: tuple[int, int],
+    padding: int,
     max_density: float,
-) -> torch.Tensor | None:  # fmt: skip
+) -> torch.Tensor | None:
     """The weight gradient of ``conv2d(x, w, stride 1, padding)`` for 0/1 ``x``, laid out
     ``[kh, kw, C, C_out]``, adding the output gradients at the spikes.
 
-    ``x [N, C, H, W]`` and ``grad_out [N, C_out, OH, OW]`` channels-last float32 on CPU. None
-    when ``x`` holds another value than 0 and 1 or more than ``max_density`` of ones.
+    ``x [N, C, H, W]`` and ``grad_out [N, C_out, OH, OW]`` float32 on CPU, each contiguous or
+    channels-last. None when ``x`` holds another value than 0 and 1 or more than ``max_density``
+    of ones.
     """
+    x, grad_out = in_kernel_layout(x), in_kernel_layout(grad_out)
     n, cin, h, w = x.shape
     cout = grad_out.shape[1]
     kh, kw = kernel_size
     grad_weight = torch.zeros(kh, kw, cin, cout)
     with record_function("statten::spike_conv2d_weight_grad"):
         status = library().statten_spike_conv2d_weight_grad(
-            x.data_ptr(), n, h, w, cin, grad_out.data_ptr(), cout, kh, kw, padding,
-            grad_weight.data_ptr(), max_density, torch.get_num_threads(),
+            x.data_ptr(), _strides(x), n, h, w, cin, grad_out.data_ptr(), _strides(grad_out),
+            cout, kh, kw, padding, grad_weight.data_ptr(), max_density, torch.get_num_threads(),
         )  # fmt: skip
     if status < 0:
         raise MemoryError("statten: out of memory in the spike convolution's weight gradient")

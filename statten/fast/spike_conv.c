@@ -10,9 +10,9 @@
  * The work is proportional to the number of spikes; the results equal the dense ones up to the
  * order of the additions.
  *
- * Layouts: input [n][h][w][cin] (channels-last), weights [kh][kw][cin][cout], bias [cout] or
- * null, output and output gradient [n][oh][ow][cout] (channels-last); stride 1, zero padding
- * `pad` on every side; cout a multiple of 16.
+ * Layouts: input, output and output gradient each contiguous ([n][c][h][w]) or channels-last
+ * ([n][h][w][c]), so that no caller converts them; weights [kh][kw][cin][cout], bias [cout] or
+ * null; stride 1, zero padding `pad` on every side; cout a multiple of 16.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -21,42 +21,76 @@
 
 /* Output channels are accumulated 16 at a time in vector registers (GCC/clang vector types: one
  * AVX-512 register, or two AVX2 / four SSE ones), up to VECS vectors per pass (4 beat 8 and 2
- * on the CIFAR-10 2-512 layers, on Zen 4 and Sapphire Rapids alike: benchmarks/spike_conv.py). */
+ * on the CIFAR-10 2-512 layers on a Sapphire Rapids Xeon: benchmarks/spike_conv.py). */
 typedef float vec __attribute__((vector_size(64)));
 typedef float unaligned_vec __attribute__((vector_size(64), aligned(4)));
 #define LANES 16
 #define VECS 4
 
+/* Output columns handled per pass when the output is not channels-last: their results are
+ * gathered in a buffer and written one channel at a time. */
+#define COLUMNS 64
+
+/* A tensor [n][channels][positions] with element strides: contiguous (NCHW: stride_channel =
+ * positions, stride_position = 1) or channels-last (stride_channel = 1, stride_position =
+ * channels). */
+typedef struct {
+    int64_t image, channel, position;
+} Strides;
+
 typedef struct {
     const float *x, *weight, *bias;
     float *out; /* the output, or the weight gradient */
     const float *grad_out;
+    Strides xs, os; /* of x; of the output or the output gradient */
     int64_t n, h, w, cin, cout, kh, kw, pad, oh, ow;
     int64_t *offsets; /* spikes of position p: channels[offsets[p] .. offsets[p + 1]) */
     int32_t *channels;
 } Conv;
 
+/* Input positions are scanned in blocks, channel by channel, so that both layouts read memory
+ * in order or within a few cache lines. */
+#define SCAN 64
+
+/* Where channel 0 of input positions [start, start + m) lies. */
+static void scan_bases(const Conv *c, int64_t start, int64_t m, const float **base) {
+    const int64_t positions = c->h * c->w;
+    for (int64_t j = 0; j < m; j++) {
+        const int64_t image = (start + j) / positions, position = (start + j) % positions;
+        base[j] = c->x + image * c->xs.image + position * c->xs.position;
+    }
+}
+
 /* Spikes per input position, or -1 for a position holding a value other than 0 and 1. */
 static void count_range(void *arg, int64_t begin, int64_t end) {
     const Conv *c = arg;
-    for (int64_t p = begin; p < end; p++) {
-        const float *v = c->x + p * c->cin;
-        int64_t spikes = 0, other = 0;
+    for (int64_t start = begin; start < end; start += SCAN) {
+        const int64_t m = end - start < SCAN ? end - start : SCAN;
+        int64_t spikes[SCAN] = {0}, other[SCAN] = {0};
+        const float *base[SCAN];
+        scan_bases(c, start, m, base);
         for (int64_t i = 0; i < c->cin; i++) {
-            spikes += v[i] == 1.0f;
-            other += v[i] != 1.0f && v[i] != 0.0f;
+            for (int64_t j = 0; j < m; j++) {
+                const float v = base[j][i * c->xs.channel];
+                spikes[j] += v == 1.0f;
+                other[j] += v != 1.0f && v != 0.0f;
+            }
         }
-        c->offsets[p + 1] = other ? -1 : spikes;
+        for (int64_t j = 0; j < m; j++) c->offsets[start + j + 1] = other[j] ? -1 : spikes[j];
     }
 }
 
 static void list_range(void *arg, int64_t begin, int64_t end) {
     const Conv *c = arg;
-    for (int64_t p = begin; p < end; p++) {
-        const float *v = c->x + p * c->cin;
-        int32_t *channel = c->channels + c->offsets[p];
+    for (int64_t start = begin; start < end; start += SCAN) {
+        const int64_t m = end - start < SCAN ? end - start : SCAN;
+        int32_t *next[SCAN];
+        const float *base[SCAN];
+        scan_bases(c, start, m, base);
+        for (int64_t j = 0; j < m; j++) next[j] = c->channels + c->offsets[start + j];
         for (int64_t i = 0; i < c->cin; i++)
-            if (v[i] != 0.0f) *channel++ = (int32_t)i;
+            for (int64_t j = 0; j < m; j++)
+                if (base[j][i * c->xs.channel] != 0.0f) *next[j]++ = (int32_t)i;
     }
 }
 
@@ -82,17 +116,34 @@ static inline __attribute__((always_inline)) void output_tile(const Conv *c, int
             }
         }
     }
-    for (int v = 0; v < V; v++) *(unaligned_vec *)(out + c0 + v * LANES) = acc[v];
+    for (int v = 0; v < V; v++) *(unaligned_vec *)(out + v * LANES) = acc[v];
 }
 
-/* Output channels [c0, c0 + V * LANES) of output rows [begin, end) of the n * oh rows. */
+/* Output channels [c0, c0 + V * LANES) of output rows [begin, end) of the n * oh rows: written
+ * in place when the output is channels-last, else gathered per COLUMNS columns and written one
+ * channel at a time. */
 static inline __attribute__((always_inline)) void channel_tile(const Conv *c, int64_t begin,
                                                                int64_t end, int64_t c0,
                                                                const int V) {
+    float buffer[COLUMNS * VECS * LANES];
     for (int64_t row = begin; row < end; row++) {
         const int64_t image = row / c->oh, oy = row % c->oh;
-        for (int64_t ox = 0; ox < c->ow; ox++)
-            output_tile(c, image, oy, ox, c0, c->out + (row * c->ow + ox) * c->cout, V);
+        float *out = c->out + image * c->os.image + c0 * c->os.channel;
+        for (int64_t ox0 = 0; ox0 < c->ow; ox0 += COLUMNS) {
+            const int64_t m = c->ow - ox0 < COLUMNS ? c->ow - ox0 : COLUMNS;
+            for (int64_t j = 0; j < m; j++) {
+                const int64_t position = oy * c->ow + ox0 + j;
+                float *target = c->os.channel == 1 ? out + position * c->os.position
+                                                   : buffer + j * V * LANES;
+                output_tile(c, image, oy, ox0 + j, c0, target, V);
+            }
+            if (c->os.channel == 1) continue;
+            for (int64_t k = 0; k < V * LANES; k++) {
+                float *line = out + k * c->os.channel + (oy * c->ow + ox0) * c->os.position;
+                for (int64_t j = 0; j < m; j++)
+                    line[j * c->os.position] = buffer[j * V * LANES + k];
+            }
+        }
     }
 }
 
@@ -135,16 +186,20 @@ static int list_spikes(Conv *c, double max_density, int threads) {
 }
 
 /*
- * out = conv2d(x, weight) + bias. Returns 0 when done, 1 (out untouched) when x holds a value
- * other than 0 and 1, 2 when more than max_density of x is 1 (the dense convolution is then
- * faster), 3 when cout is not a multiple of 16, -1 when out of memory.
+ * out = conv2d(x, weight) + bias; x and out each contiguous or channels-last (their strides as
+ * [image, channel, position]). Returns 0 when done, 1 (out untouched) when x holds a value other
+ * than 0 and 1, 2 when more than max_density of x is 1 (the dense convolution is then faster),
+ * 3 when cout is not a multiple of 16, -1 when out of memory.
  */
-int statten_spike_conv2d(const float *x, int64_t n, int64_t h, int64_t w, int64_t cin,
-                         const float *weight, const float *bias, int64_t cout, int64_t kh,
-                         int64_t kw, int64_t pad, float *out, double max_density, int threads) {
+int statten_spike_conv2d(const float *x, const int64_t *x_strides, int64_t n, int64_t h,
+                         int64_t w, int64_t cin, const float *weight, const float *bias,
+                         int64_t cout, int64_t kh, int64_t kw, int64_t pad, float *out,
+                         const int64_t *out_strides, double max_density, int threads) {
     if (cout % LANES) return 3;
-    Conv c = {x, weight, bias, out, 0, n, h, w, cin, cout, kh, kw, pad,
-              h + 2 * pad - kh + 1, w + 2 * pad - kw + 1, 0, 0};
+    Conv c = {x, weight, bias, out, 0,
+              {x_strides[0], x_strides[1], x_strides[2]},
+              {out_strides[0], out_strides[1], out_strides[2]},
+              n, h, w, cin, cout, kh, kw, pad, h + 2 * pad - kh + 1, w + 2 * pad - kw + 1, 0, 0};
     const int status = list_spikes(&c, max_density, threads);
     if (status) return status;
     parallel_for(conv_range, &c, n * c.oh, 1, threads);
@@ -153,32 +208,45 @@ int statten_spike_conv2d(const float *x, int64_t n, int64_t h, int64_t w, int64_
     return 0;
 }
 
-/* Weight gradient, output channels [c0, c0 + V * LANES): for each input position, its output
- * gradient row at each tap is loaded once and added into the weight rows of the channels that
- * spiked there (one tap's rows of the tile, cin * V * 64 bytes, stay in L2). */
+/* Weight gradient, output channels [c0, c0 + V * LANES): for each output position, its output
+ * gradient (gathered per COLUMNS columns unless channels-last) is added, at each tap, into the
+ * weight rows of the channels that spiked at the tapped input position (the tile's rows of every
+ * tap, kh * kw * cin * V * 64 bytes, stay in L2). */
 static inline __attribute__((always_inline)) void weight_grad_tile(const Conv *c, int64_t c0,
                                                                    const int V) {
-    for (int64_t ky = 0; ky < c->kh; ky++) {
-        for (int64_t kx = 0; kx < c->kw; kx++) {
-            float *tap = c->out + (ky * c->kw + kx) * c->cin * c->cout + c0;
-            for (int64_t image = 0; image < c->n; image++) {
-                for (int64_t oy = 0; oy < c->oh; oy++) {
+    float buffer[COLUMNS * VECS * LANES];
+    for (int64_t image = 0; image < c->n; image++) {
+        const float *grad = c->grad_out + image * c->os.image + c0 * c->os.channel;
+        for (int64_t oy = 0; oy < c->oh; oy++) {
+            for (int64_t ox0 = 0; ox0 < c->ow; ox0 += COLUMNS) {
+                const int64_t m = c->ow - ox0 < COLUMNS ? c->ow - ox0 : COLUMNS;
+                const float *rows = grad + (oy * c->ow + ox0) * c->os.position;
+                int64_t row_stride = c->os.position;
+                if (c->os.channel != 1) { /* gather the columns' gradients, channels inner */
+                    for (int64_t k = 0; k < V * LANES; k++)
+                        for (int64_t j = 0; j < m; j++)
+                            buffer[j * V * LANES + k] = rows[k * c->os.channel + j];
+                    rows = buffer;
+                    row_stride = V * LANES;
+                }
+                for (int64_t ky = 0; ky < c->kh; ky++) {
                     const int64_t iy = oy + ky - c->pad;
                     if (iy < 0 || iy >= c->h) continue;
-                    for (int64_t ox = 0; ox < c->ow; ox++) {
-                        const int64_t ix = ox + kx - c->pad;
-                        if (ix < 0 || ix >= c->w) continue;
-                        const int64_t p = (image * c->h + iy) * c->w + ix;
-                        if (c->offsets[p] == c->offsets[p + 1]) continue;
-                        const float *g =
-                            c->grad_out + ((image * c->oh + oy) * c->ow + ox) * c->cout + c0;
-                        vec grad[VECS];
-                        for (int v = 0; v < V; v++)
-                            grad[v] = *(const unaligned_vec *)(g + v * LANES);
-                        for (int64_t q = c->offsets[p]; q < c->offsets[p + 1]; q++) {
-                            float *row = tap + (int64_t)c->channels[q] * c->cout;
+                    for (int64_t kx = 0; kx < c->kw; kx++) {
+                        float *tap = c->out + (ky * c->kw + kx) * c->cin * c->cout + c0;
+                        for (int64_t j = 0; j < m; j++) {
+                            const int64_t ix = ox0 + j + kx - c->pad;
+                            if (ix < 0 || ix >= c->w) continue;
+                            const int64_t p = (image * c->h + iy) * c->w + ix;
+                            if (c->offsets[p] == c->offsets[p + 1]) continue;
+                            vec g[VECS];
                             for (int v = 0; v < V; v++)
-                                *(unaligned_vec *)(row + v * LANES) += grad[v];
+                                g[v] = *(const unaligned_vec *)(rows + j * row_stride + v * LANES);
+                            for (int64_t q = c->offsets[p]; q < c->offsets[p + 1]; q++) {
+                                float *row = tap + (int64_t)c->channels[q] * c->cout;
+                                for (int v = 0; v < V; v++)
+                                    *(unaligned_vec *)(row + v * LANES) += g[v];
+                            }
                         }
                     }
                 }
@@ -202,16 +270,20 @@ static void weight_grad_range(void *arg, int64_t begin, int64_t end) {
 }
 
 /*
- * grad_weight = the weight gradient of conv2d(x, .) given grad_out; grad_weight must hold
- * zeros. Returns as statten_spike_conv2d does.
+ * grad_weight [kh][kw][cin][cout] = the weight gradient of conv2d(x, .) given grad_out (x and
+ * grad_out contiguous or channels-last, strides as for statten_spike_conv2d); grad_weight must
+ * hold zeros. Returns as statten_spike_conv2d does.
  */
-int statten_spike_conv2d_weight_grad(const float *x, int64_t n, int64_t h, int64_t w,
-                                     int64_t cin, const float *grad_out, int64_t cout, int64_t kh,
+int statten_spike_conv2d_weight_grad(const float *x, const int64_t *x_strides, int64_t n,
+                                     int64_t h, int64_t w, int64_t cin, const float *grad_out,
+                                     const int64_t *grad_strides, int64_t cout, int64_t kh,
                                      int64_t kw, int64_t pad, float *grad_weight,
                                      double max_density, int threads) {
     if (cout % LANES) return 3;
-    Conv c = {x, 0, 0, grad_weight, grad_out, n, h, w, cin, cout, kh, kw, pad,
-              h + 2 * pad - kh + 1, w + 2 * pad - kw + 1, 0, 0};
+    Conv c = {x, 0, 0, grad_weight, grad_out,
+              {x_strides[0], x_strides[1], x_strides[2]},
+              {grad_strides[0], grad_strides[1], grad_strides[2]},
+              n, h, w, cin, cout, kh, kw, pad, h + 2 * pad - kh + 1, w + 2 * pad - kw + 1, 0, 0};
     const int status = list_spikes(&c, max_density, threads);
     if (status) return status;
     const int64_t tiles = (cout + VECS * LANES - 1) / (VECS * LANES);

@@ -105,45 +105,17 @@ class SpikeConv2d(nn.Conv2d):
         is spikes at a density below the crossover."""
         x, weight = x.detach(), weight.detach()
         bias = None if bias is None else bias.detach()
-        if not self.handles(x) or self.max_density == 0.0:
-            return self._conv_forward(x, weight, bias)
-        spikes = x.contiguous(memory_format=torch.channels_last)
-        taps = self._weight_per_tap(weight)
+        out = None
+        if self.handles(x):
+            taps = self._weight_per_tap(weight)
 
-        def spike_driven(limit: float) -> torch.Tensor | None:
-            return native.spike_conv2d(spikes, taps, bias, self.padding[0], limit)
+            def spike_driven(limit: float) -> torch.Tensor | None:
+                return native.spike_conv2d(x, taps, bias, self.padding[0], limit)
 
-        out, self.max_density = _crossing(
-            spike_driven, lambda: self._conv_forward(x, weight, bias), x, self.max_density
-        )
-        return out
-
-    def weight_grad(
-        self, x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor
-    ) -> torch.Tensor:
-        """The gradient w.r.t. ``weight`` of ``conv(x)`` given ``grad_out``; spike-driven while
-        ``x`` is spikes at a density below the crossover."""
-        x, grad_out = x.detach(), grad_out.detach()
-        if not self.handles(x) or self.max_density_weight_grad == 0.0:
-            return self._dense_grads(grad_out, x, weight, (False, True, False))[1]
-        spikes = x.contiguous(memory_format=torch.channels_last)
-        grad = grad_out.contiguous(memory_format=torch.channels_last)
-
-        def spike_driven(limit: float) -> torch.Tensor | None:
-            taps = native.spike_conv2d_weight_grad(
-                spikes, grad, self.kernel_size, self.padding[0], limit
+            out, self.max_density = _crossing(
+                spike_driven, lambda: self._conv_forward(x, weight, bias), x, self.max_density
             )
-            return (
-                None if taps is None else torch.empty_like(weight).copy_(taps.permute(3, 2, 0, 1))
-            )
-
-        def dense() -> torch.Tensor:
-            return self._dense_grads(grad_out, x, weight, (False, True, False))[1]
-
-        grad, self.max_density_weight_grad = _crossing(
-            spike_driven, dense, x, self.max_density_weight_grad
-        )
-        return grad
+        return self._conv_forward(x, weight, bias) if out is None else out
 
     def grads(
         self,
@@ -152,12 +124,34 @@ class SpikeConv2d(nn.Conv2d):
         weight: torch.Tensor,
         output_mask: Sequence[bool],
     ) -> tuple[torch.Tensor | None, ...]:
-        """Gradients w.r.t. ``(x, weight, bias)`` where ``output_mask`` asks for them: the input
-        and bias gradients dense, the weight gradient by :meth:`weight_grad`."""
+        """Gradients w.r.t. ``(x, weight, bias)`` where ``output_mask`` asks for them: the weight
+        gradient spike-driven while ``x`` is spikes at a density below the crossover, the rest
+        by oneDNN (in one call with the weight gradient when that is dense too: cheaper than
+        two)."""
+        x, grad_out = x.detach(), grad_out.detach()
         needs_x, needs_weight, needs_bias = output_mask
-        grad_x, _, grad_bias = self._dense_grads(grad_out, x, weight, (needs_x, False, needs_bias))
-        grad_weight = self.weight_grad(x, grad_out, weight) if needs_weight else None
-        return grad_x, grad_weight, grad_bias
+        grad_weight = None
+        if needs_weight and self.handles(x):
+
+            def spike_driven(limit: float) -> torch.Tensor | None:
+                taps = native.spike_conv2d_weight_grad(
+                    x, grad_out, self.kernel_size, self.padding[0], limit
+                )
+                return (
+                    None
+                    if taps is None
+                    else torch.empty_like(weight).copy_(taps.permute(3, 2, 0, 1))
+                )
+
+            def dense() -> torch.Tensor:
+                return self._dense_grads(grad_out, x, weight, (False, True, False))[1]
+
+            grad_weight, self.max_density_weight_grad = _crossing(
+                spike_driven, dense, x, self.max_density_weight_grad
+            )
+        dense_mask = (needs_x, needs_weight and grad_weight is None, needs_bias)
+        grad_x, dense_weight, grad_bias = self._dense_grads(grad_out, x, weight, dense_mask)
+        return grad_x, dense_weight if grad_weight is None else grad_weight, grad_bias
 
     def _dense_grads(
         self,
@@ -208,19 +202,19 @@ def _crossing(
     dense: Callable[[], torch.Tensor],
     x: torch.Tensor,
     max_density: float | None,
-) -> tuple[torch.Tensor, float | None]:
-    """The product by the path ``max_density`` picks for ``x``, and the crossover for later.
+) -> tuple[torch.Tensor | None, float | None]:
+    """The spike-driven product for ``x`` if ``max_density`` picks it (None: the caller runs
+    the dense one), and the crossover for later calls.
 
     ``spike_driven(limit)`` returns None when ``x`` is not 0/1 or has more than ``limit`` ones.
-    An unmeasured crossover (None) is measured on the first spike input: both paths timed, the
-    spike-driven time taken as proportional to the density.
+    An unmeasured crossover (None) is measured on the first spike input: both paths timed
+    (``dense`` only for that), the spike-driven time taken as proportional to the density.
     """
     if max_density is not None:
-        out = spike_driven(max_density)
-        return (dense() if out is None else out), max_density
+        return (spike_driven(max_density) if max_density > 0 else None), max_density
     out = spike_driven(1.0)  # also warms the path up
     if out is None:  # not spikes: measure on a later input
-        return dense(), None
+        return None, None
     density = max(x.count_nonzero().item() / x.numel(), MIN_TIMED_DENSITY)
     spike_driven_s, out = _fastest_of(TIMING_CALLS, lambda: spike_driven(1.0))
     dense_s, _ = _fastest_of(TIMING_CALLS, dense)
