@@ -236,3 +236,18 @@ def test_spike_driven_training_step_stays_close_to_the_exact_one(memory_efficien
         for name, p in exact.named_parameters()
     }
     assert max(errors.values()) < 1e-3, sorted(errors.items(), key=lambda item: -item[1])[:3]
+
+
+@needs_c_compiler
+def test_large_inputs_far_above_the_limit_are_declined_from_a_sample() -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(3, 3, 8, 16)
+    x = (torch.rand(16, 8, 32, 32) < 0.5).float()  # 16,384 positions: sampled first
+    assert native.spike_conv2d(x, weight, None, 1, 0.1) is None
+    out = native.spike_conv2d(x, weight, None, 1, 0.6)
+    expected = torch.nn.functional.conv2d(x, weight.permute(3, 2, 0, 1), padding=1)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    x[0, 0, 0, 0] = 0.5  # in the first sampled block
+    assert native.spike_conv2d(x, weight, None, 1, 1.0) is None
+    x[0, 0, 0, 0], x[0, 0, 31, 31] = 1.0, 0.5  # outside the sample: found by the full count
+    assert native.spike_conv2d(x, weight, None, 1, 1.0) is None

@@ -156,10 +156,38 @@ static void conv_range(void *arg, int64_t begin, int64_t end) {
     for (; c0 < c->cout; c0 += LANES) channel_tile(c, begin, end, c0, 1);
 }
 
+/* A layer whose input is far denser than its crossover would read all of it only to decline:
+ * one block of SCAN positions in every SAMPLE is read first, and an input that is not 0/1 there
+ * (status 1), or that has more than SAMPLE_MARGIN times max_density ones there (status 2), is
+ * declined on that. Inputs with fewer than SAMPLE blocks are not sampled. */
+#define SAMPLE 16
+#define SAMPLE_MARGIN 1.25
+
+static int sampled_status(const Conv *c, double max_density) {
+    const int64_t positions = c->n * c->h * c->w;
+    if (positions < SCAN * SAMPLE * SAMPLE) return 0;
+    int64_t spikes = 0, seen = 0;
+    const float *base[SCAN];
+    for (int64_t start = 0; start + SCAN <= positions; start += SCAN * SAMPLE) {
+        scan_bases(c, start, SCAN, base);
+        for (int64_t i = 0; i < c->cin; i++) {
+            for (int64_t j = 0; j < SCAN; j++) {
+                const float v = base[j][i * c->xs.channel];
+                if (v != 0.0f && v != 1.0f) return 1;
+                spikes += v == 1.0f;
+            }
+        }
+        seen += SCAN;
+    }
+    return (double)spikes > SAMPLE_MARGIN * max_density * (double)(seen * c->cin) ? 2 : 0;
+}
+
 /* The spike lists of c->x (c->offsets, c->channels; the caller frees both when this returns 0);
  * otherwise the status of statten_spike_conv2d, nothing allocated. */
 static int list_spikes(Conv *c, double max_density, int threads) {
     const int64_t positions = c->n * c->h * c->w;
+    const int sampled = sampled_status(c, max_density);
+    if (sampled) return sampled;
     c->offsets = malloc((positions + 1) * sizeof(int64_t));
     if (!c->offsets) return -1;
     parallel_for(count_range, c, positions, 256, threads);
