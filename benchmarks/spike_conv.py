@@ -1,11 +1,14 @@
-"""Spike-driven versus dense convolution on CPU, by layer shape and density of ones.
+"""Spike-driven versus dense convolution products on CPU, by layer shape and density of ones.
 
-Times ``statten.fast.native.spike_conv2d`` (adds the weights of the inputs that spiked) against
-oneDNN's dense ``nn.Conv2d`` (channels-last, inference mode) on the convolutions of the CIFAR-10
-2-512 recipe at batch 16 x T 4, for densities around those the layers see, and prints where the
-spike-driven one stops being faster: the source of ``MAX_DENSITY`` in statten/fast/inference.py.
+Times the C kernels of ``statten.fast.native`` against oneDNN on the convolutions of the CIFAR-10
+2-512 recipe at batch 16 x T 4, for densities around those the layers see: the output
+(``spike_conv2d``, adding the weights of the inputs that spiked, versus ``nn.Conv2d``) and, with
+``--product weight_grad``, the weight gradient (``spike_conv2d_weight_grad`` versus
+``convolution_backward``). Tensors are laid out as in training (contiguous) or, with
+``--channels-last``, as in fast inference. Each ``SpikeConv2d`` measures its own crossover on its
+first spike input (statten/fast/spike_conv.py); this table shows where they fall.
 
-    python benchmarks/spike_conv.py [--repeats 5]
+    python benchmarks/spike_conv.py [--product output|weight_grad] [--channels-last] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -27,16 +30,29 @@ LAYERS = [
     ("mlp fc1", 512, 2048, 8, 1),
     ("mlp fc2", 2048, 512, 8, 1),
 ]
-DENSITIES = (0.03, 0.1, 0.2, 0.3, 0.4)
+DENSITIES = (0.03, 0.05, 0.1, 0.2, 0.3)
 
 
 @torch.inference_mode()
-def compare(conv: torch.nn.Conv2d, x: torch.Tensor, repeats: int) -> tuple[float, float]:
-    """Milliseconds of the dense and of the spike-driven convolution of ``x``."""
-    taps = conv.weight.permute(2, 3, 1, 0).contiguous()
+def compare(
+    conv: torch.nn.Conv2d, x: torch.Tensor, product: str, repeats: int
+) -> tuple[float, float]:
+    """Milliseconds of the dense and of the spike-driven ``product`` of ``conv`` fed ``x``."""
     padding = conv.padding[0]
-    dense = best_ms(lambda: conv(x), repeats)
-    spike = best_ms(lambda: native.spike_conv2d(x, taps, conv.bias, padding, 1.0), repeats)
+    if product == "output":
+        taps = conv.weight.permute(2, 3, 1, 0).contiguous()
+        dense = best_ms(lambda: conv(x), repeats)
+        spike = best_ms(lambda: native.spike_conv2d(x, taps, conv.bias, padding, 1.0), repeats)
+        return dense, spike
+    grad_out = torch.randn_like(conv(x))
+    dense = best_ms(lambda: torch.ops.aten.convolution_backward(
+        grad_out, x, conv.weight, None, [1, 1], [padding] * 2, [1, 1], False, [0, 0], 1,
+        [False, True, False],
+    ), repeats)  # fmt: skip
+    spike = best_ms(
+        lambda: native.spike_conv2d_weight_grad(x, grad_out, conv.kernel_size, padding, 1.0),
+        repeats,
+    )
     return dense, spike
 
 
@@ -44,18 +60,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=64, help="T x B images per call")
+    parser.add_argument("--product", choices=("output", "weight_grad"), default="output")
+    parser.add_argument("--channels-last", action="store_true")
     args = parser.parse_args()
+    layout = torch.channels_last if args.channels_last else torch.contiguous_format
     torch.manual_seed(0)
-    print(f"{torch.get_num_threads()} threads; ms per call, dense / spike-driven")
+    print(
+        f"{torch.get_num_threads()} threads, {args.product}, {layout}; "
+        "ms per call, dense / spike-driven"
+    )
     print(f"{'layer':14s} " + " ".join(f"{f'density {d}':>22s}" for d in DENSITIES))
     for name, cin, cout, size, kernel in LAYERS:
         conv = torch.nn.Conv2d(cin, cout, kernel, padding=kernel // 2)
-        conv = conv.to(memory_format=torch.channels_last).requires_grad_(False)
+        conv = conv.to(memory_format=layout).requires_grad_(False)
         cells = []
         for density in DENSITIES:
             x = (torch.rand(args.batch, cin, size, size) < density).float()
-            x = x.contiguous(memory_format=torch.channels_last)
-            dense, spike = compare(conv, x, args.repeats)
+            x = x.contiguous(memory_format=layout)
+            dense, spike = compare(conv, x, args.product, args.repeats)
             cells.append(f"{dense:7.1f} / {spike:6.1f} x{dense / spike:4.2f}")
         print(f"{name:14s} " + " ".join(f"{cell:>22s}" for cell in cells), flush=True)
 

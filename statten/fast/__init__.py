@@ -12,6 +12,10 @@
   convolutions on CPU, tensor cores on GPU; changes rounding).
 - :func:`optimize_for_inference`: BatchNorm folded into convolutions, fused kernels, channels-last
   (outputs match the plain eval model within a documented tolerance).
+- Spike-driven convolutions (:mod:`statten.fast.spike_conv`), opt-in for training
+  (``model.spike_driven = True``) and part of fast inference: on CPU, the output and the weight
+  gradient of a convolution fed spikes are computed from the spikes where measured faster
+  (rounds differently; measured deviation in docs/performance.md).
 """
 
 from __future__ import annotations
