@@ -16,6 +16,9 @@ training step counts 3x the forward pass). ``--json FILE`` writes all numbers.
 native attention, each counted by ``OpRecorder`` on one random sample after BatchNorm
 calibration, and timed if ``--attention-repeats`` is above 0.
 
+With ``--spike-driven`` the fast training mode also runs spike-driven convolutions
+(:mod:`statten.fast.spike_conv`); fast inference always does.
+
 Inference runs a model whose BatchNorm statistics are calibrated on the random batch
 (:func:`calibrate_batchnorm`), so that its layers fire as in training.
 
@@ -76,6 +79,7 @@ __all__ = [
     "main",
     "matmul_rate",
     "measure",
+    "training_model",
 ]
 
 TASKS = ("train", "infer")  # timed, in every mode
@@ -161,18 +165,29 @@ def _use_kernels(fused: bool) -> None:
     use_native_kernels(fused)
 
 
-def _train_step(spec: dict[str, Any], cfg: argparse.Namespace, device: torch.device) -> Callable:
-    from timm.optim import create_optimizer_v2, optimizer_kwargs
-
+def training_model(
+    spec: dict[str, Any], cfg: argparse.Namespace, device: torch.device
+) -> nn.Module:
+    """The model a training measurement runs: the plain eager one, or in fast mode the one of
+    :func:`~statten.fast.optimize_for_training`, spike-driven too with ``--spike-driven``."""
     from statten.fast import optimize_for_training
 
     model = create_model(cfg.model, **model_config(cfg)).to(device).train()
     model.memory_efficient = False  # the plain eager baseline; fast mode switches it on
-    images, targets = _inputs(model, spec["batch_size"], device)
-    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg))
     if spec["mode"] == "fast":
         _use_kernels(spec["fused_kernels"])
         optimize_for_training(model, compile_kernels=spec["fused_kernels"])
+        model.spike_driven = cfg.spike_driven
+    return model
+
+
+def _train_step(spec: dict[str, Any], cfg: argparse.Namespace, device: torch.device) -> Callable:
+    from timm.optim import create_optimizer_v2, optimizer_kwargs
+
+    model = training_model(spec, cfg, device)
+    images, targets = _inputs(model, spec["batch_size"], device)
+    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg))
+    if spec["mode"] == "fast":
         images = _channels_last(images)
     forward = torch.compile(model) if spec["compile"] and spec["mode"] == "fast" else model
 

@@ -16,6 +16,7 @@ from conftest import golden_model_config, needs_c_compiler
 
 import statten
 from statten import bench
+from statten.config import parse_config
 from statten.fast import (
     fold_batchnorm,
     native,
@@ -368,6 +369,17 @@ def test_bench_runs_end_to_end_and_writes_json(tmp_path: Path) -> None:
         assert result["peak_memory_bytes"] >= result["memory_after_import_bytes"] > 0
     assert set(document["ratios"]) >= {"train_speedup", "train_peak_memory_ratio", "infer_speedup"}
     assert 0.01 < document["inference_mean_firing_rate"] < 0.5
+
+
+@pytest.mark.parametrize(("mode", "flags", "spike_driven"), [
+    ("fast", ["--spike-driven"], True), ("fast", [], False), ("eager", ["--spike-driven"], False),
+])  # fmt: skip
+def test_bench_fast_training_is_spike_driven_when_asked(
+    mode: str, flags: list[str], spike_driven: bool
+) -> None:
+    cfg = parse_config(["--device", "cpu", *flags], "train")
+    model = bench.training_model({"mode": mode, "fused_kernels": True}, cfg, torch.device("cpu"))
+    assert model.spike_driven is spike_driven and model.memory_efficient is (mode == "fast")
 
 
 def test_bench_peak_memory_is_the_measuring_process_own(tmp_path: Path) -> None:
