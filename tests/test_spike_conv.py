@@ -9,9 +9,12 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import needs_c_compiler
 
 import statten
+from statten.config import model_config, parse_config
+from statten.engine.losses import time_averaged
 from statten.fast import native
 from statten.fast.spike_conv import SpikeConv2d
 
@@ -251,3 +254,37 @@ def test_large_inputs_far_above_the_limit_are_declined_from_a_sample() -> None:
     assert native.spike_conv2d(x, weight, None, 1, 1.0) is None
     x[0, 0, 0, 0], x[0, 0, 31, 31] = 1.0, 0.5  # outside the sample: found by the full count
     assert native.spike_conv2d(x, weight, None, 1, 1.0) is None
+
+
+@needs_c_compiler
+@pytest.mark.parametrize("family", statten.list_models())
+def test_every_family_trains_spike_driven_close_to_the_exact_path(family: str) -> None:
+    """The digits recipe's model of each family, every spike-fed convolution forced spike-driven."""
+    layers = ["--layer", "3"] if family == "qkformer" else []  # its smallest with an SSA stage
+    config = model_config(parse_config(["--model", family, *layers], "train"))
+    torch.manual_seed(0)
+    exact = statten.create_model(family, **config).train()
+    spike_driven = statten.create_model(family, **config, spike_driven=True).train()
+    spike_driven.load_state_dict(exact.state_dict())
+    for module in spike_driven.modules():
+        if isinstance(module, SpikeConv2d):
+            module.max_density = module.max_density_weight_grad = 1.0
+    x, target = exact.example_input(8), torch.randint(0, 10, (8,))
+    calls: list[str] = []
+    with _counting_kernels(calls):
+        for model in (exact, spike_driven):
+
+            def criterion(logits: torch.Tensor, labels: torch.Tensor, m=model) -> torch.Tensor:
+                return F.cross_entropy(time_averaged(logits, m.per_step_logits), labels)
+
+            model.loss(model(x), target, criterion).backward()
+    assert "output" in calls and "weight_grad" in calls
+    gradients = dict(spike_driven.named_parameters())
+    # float64 norms: an untrained SDT v2's largest gradients overflow a float32 sum of squares
+    want = {name: p.grad.double() for name, p in exact.named_parameters()}
+    floor = max(g.norm() for g in want.values()) * 1e-2
+    errors = {
+        name: ((gradients[name].grad.double() - g).norm() / g.norm().clamp_min(floor)).item()
+        for name, g in want.items()
+    }
+    assert max(errors.values()) < 1e-3, sorted(errors.items(), key=lambda item: -item[1])[:3]
