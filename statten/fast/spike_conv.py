@@ -56,23 +56,11 @@ class SpikeConv2d(nn.Conv2d):
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> SpikeConv2d:
         """The same convolution, sharing ``conv``'s parameters, as a :class:`SpikeConv2d`."""
-        spike_conv = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-            conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, device="meta",
-        )  # fmt: skip
-        spike_conv.weight, spike_conv.bias = conv.weight, conv.bias
-        spike_conv.train(conv.training)
-        return spike_conv
+        return _rebuilt(conv, cls)
 
     def to_conv(self) -> nn.Conv2d:
         """The plain ``nn.Conv2d`` sharing this layer's parameters."""
-        conv = nn.Conv2d(
-            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-            self.dilation, self.groups, self.bias is not None, self.padding_mode, device="meta",
-        )  # fmt: skip
-        conv.weight, conv.bias = self.weight, self.bias
-        conv.train(self.training)
-        return conv
+        return _rebuilt(self, nn.Conv2d)
 
     def handles(self, x: torch.Tensor) -> bool:
         """Whether the C kernels take ``x`` with this layer's shape (whatever its values)."""
@@ -144,29 +132,14 @@ class SpikeConv2d(nn.Conv2d):
                 )
 
             def dense() -> torch.Tensor:
-                return self._dense_grads(grad_out, x, weight, (False, True, False))[1]
+                return _dense_grads(self, grad_out, x, weight, (False, True, False))[1]
 
             grad_weight, self.max_density_weight_grad = _crossing(
                 spike_driven, dense, x, self.max_density_weight_grad
             )
         dense_mask = (needs_x, needs_weight and grad_weight is None, needs_bias)
-        grad_x, dense_weight, grad_bias = self._dense_grads(grad_out, x, weight, dense_mask)
+        grad_x, dense_weight, grad_bias = _dense_grads(self, grad_out, x, weight, dense_mask)
         return grad_x, dense_weight if grad_weight is None else grad_weight, grad_bias
-
-    def _dense_grads(
-        self,
-        grad_out: torch.Tensor,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        output_mask: Sequence[bool],
-    ) -> tuple[torch.Tensor | None, ...]:
-        if not any(output_mask):
-            return None, None, None
-        bias_sizes = [self.out_channels] if self.bias is not None else None
-        return torch.ops.aten.convolution_backward(
-            grad_out, x, weight.detach(), bias_sizes, self.stride, self.padding, self.dilation,
-            False, [0, 0], self.groups, list(output_mask),
-        )  # fmt: skip
 
     def _weight_per_tap(self, weight: torch.Tensor) -> torch.Tensor:
         """``weight`` as ``[kh, kw, C_in, C_out]``, the kernels' layout, kept until it changes."""
@@ -174,6 +147,17 @@ class SpikeConv2d(nn.Conv2d):
         if self._weight_by_tap is None or self._weight_by_tap[0] != key:
             self._weight_by_tap = (key, weight.permute(2, 3, 1, 0).contiguous())
         return self._weight_by_tap[1]
+
+
+def _rebuilt(conv: nn.Conv2d, kind: type[nn.Conv2d]) -> nn.Conv2d:
+    """A ``kind`` with the hyperparameters of ``conv``, sharing its parameters and mode."""
+    rebuilt = kind(
+        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+        conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, device="meta",
+    )  # fmt: skip
+    rebuilt.weight, rebuilt.bias = conv.weight, conv.bias
+    rebuilt.train(conv.training)
+    return rebuilt
 
 
 class _SpikeConv(torch.autograd.Function):
@@ -251,10 +235,23 @@ def conv2d_backward(
     (the weight gradient spike-driven for a :class:`SpikeConv2d`)."""
     if isinstance(conv, SpikeConv2d):
         return conv.grads(grad_out, x, weight, output_mask)
+    return _dense_grads(conv, grad_out, x, weight, output_mask)
+
+
+def _dense_grads(
+    conv: nn.Conv2d,
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    output_mask: Sequence[bool],
+) -> tuple[torch.Tensor | None, ...]:
+    """oneDNN's gradients of ``conv`` where ``output_mask`` asks for them, in one call."""
+    if not any(output_mask):
+        return None, None, None
     bias_sizes = None if conv.bias is None else [conv.out_channels]
     return torch.ops.aten.convolution_backward(
-        grad_out, x, weight, bias_sizes, conv.stride, conv.padding, conv.dilation, False,
-        [0, 0], conv.groups, list(output_mask),
+        grad_out, x, weight.detach(), bias_sizes, conv.stride, conv.padding, conv.dilation,
+        False, [0, 0], conv.groups, list(output_mask),
     )  # fmt: skip
 
 
