@@ -123,10 +123,10 @@ class Trainer:
         self.ctx = ctx
         random_seed(cfg.seed, ctx.rank)
         self.model_config = model_config(cfg)
-        self.model = create_model(cfg.model, **self.model_config).to(ctx.device)
+        model = create_model(cfg.model, spike_driven=cfg.spike_driven, **self.model_config)
+        self.model = model.to(ctx.device)
         if cfg.memory_efficient is not None:  # else the model's default
             self.model.memory_efficient = cfg.memory_efficient
-        self.model.spike_driven = cfg.spike_driven
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if ctx.distributed and cfg.sync_bn:

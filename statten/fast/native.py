@@ -186,7 +186,7 @@ def lif_grad(
     return sig
 
 
-def in_kernel_layout(x: torch.Tensor) -> torch.Tensor:
+def _in_kernel_layout(x: torch.Tensor) -> torch.Tensor:
     """``x [N, C, H, W]`` as it is if contiguous or channels-last (the layouts the spike
     convolution kernels read and write), else a contiguous copy."""
     if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
@@ -214,7 +214,7 @@ def spike_conv2d(
     ``weight`` laid out ``[kh, kw, C, C_out]`` (contiguous). None when ``x`` holds another value
     than 0 and 1 or more than ``max_density`` of ones: the caller then runs the dense convolution.
     """
-    x = in_kernel_layout(x)
+    x = _in_kernel_layout(x)
     n, cin, h, w = x.shape
     kh, kw, _, cout = weight.shape
     layout = torch.contiguous_format if x.is_contiguous() else torch.channels_last
@@ -246,7 +246,7 @@ def spike_conv2d_weight_grad(
     channels-last. None when ``x`` holds another value than 0 and 1 or more than ``max_density``
     of ones.
     """
-    x, grad_out = in_kernel_layout(x), in_kernel_layout(grad_out)
+    x, grad_out = _in_kernel_layout(x), _in_kernel_layout(grad_out)
     n, cin, h, w = x.shape
     cout = grad_out.shape[1]
     kh, kw = kernel_size

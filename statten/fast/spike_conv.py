@@ -196,8 +196,7 @@ def _crossing(
     """
     if max_density is not None:
         return (spike_driven(max_density) if max_density > 0 else None), max_density
-    out = spike_driven(1.0)  # also warms the path up
-    if out is None:  # not spikes: measure on a later input
+    if spike_driven(1.0) is None:  # not spikes: measure on a later input (else: warmed up)
         return None, None
     density = max(x.count_nonzero().item() / x.numel(), MIN_TIMED_DENSITY)
     spike_driven_s, out = _fastest_of(TIMING_CALLS, lambda: spike_driven(1.0))
