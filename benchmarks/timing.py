@@ -1,9 +1,21 @@
-"""Shared by the micro-benchmarks: the best wall time of a call."""
+"""Shared by the benchmarks: wall times of repeated calls, and the best of them."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+
+
+def wall_times(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``fn``, after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def best_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
@@ -12,11 +24,4 @@ def best_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
     The minimum, not the median: these kernels run for milliseconds on a machine whose other work
     only ever adds time.
     """
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * min(times)
+    return 1e3 * min(wall_times(fn, repeats, warmup))

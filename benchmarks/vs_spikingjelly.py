@@ -23,11 +23,11 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 from spikingjelly.activation_based import functional
+from timing import wall_times
 
 from statten.bench import peak_rss_bytes
 
@@ -75,12 +75,7 @@ def measure(variant: str, batch: int, steps: int) -> dict[str, float | list[floa
         optimizer.step()
         functional.reset_net(model)  # SpikingJelly's neurons keep their state; statten's do not
 
-    step()
-    seconds = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        seconds.append(time.perf_counter() - start)
+    seconds = wall_times(step, steps)
     return {"seconds": seconds, "peak_rss": peak_rss_bytes(), "rss_after_build": after_build}
 
 

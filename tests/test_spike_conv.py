@@ -211,18 +211,39 @@ def test_spike_driven_switch_replaces_the_convolutions_and_keeps_the_parameters(
     assert not statten.create_model("sdt", **TINY_SDT).spike_driven
 
 
-@needs_c_compiler
-@pytest.mark.parametrize("memory_efficient", [True, False])
-def test_spike_driven_training_step_stays_close_to_the_exact_one(memory_efficient: bool) -> None:
-    """Every spike-fed convolution forced spike-driven: gradients within the documented bound."""
+def _exact_and_forced_spike_driven(family: str, config: dict) -> tuple[torch.nn.Module, ...]:
+    """Two training-mode models with the same weights: exact, and spike-driven with every
+    spike-fed convolution forced onto the spike-driven products."""
     torch.manual_seed(0)
-    config = {**TINY_SDT, "memory_efficient": memory_efficient}
-    exact = statten.create_model("sdt", **config).train()
-    spike_driven = statten.create_model("sdt", **config, spike_driven=True).train()
+    exact = statten.create_model(family, **config).train()
+    spike_driven = statten.create_model(family, **config, spike_driven=True).train()
     spike_driven.load_state_dict(exact.state_dict())
     for module in spike_driven.modules():
         if isinstance(module, SpikeConv2d):
             module.max_density = module.max_density_weight_grad = 1.0
+    return exact, spike_driven
+
+
+def _assert_gradients_close(exact: torch.nn.Module, spike_driven: torch.nn.Module) -> None:
+    """Every parameter's gradient within 1e-3 of the exact one (relative, in norm), floored at 1 %
+    of the largest gradient for the biases in front of a training BatchNorm (true gradient 0);
+    float64 norms: an untrained SDT v2's largest gradients overflow a float32 sum of squares."""
+    gradients = dict(spike_driven.named_parameters())
+    want = {name: p.grad.double() for name, p in exact.named_parameters()}
+    floor = max(g.norm() for g in want.values()) * 1e-2
+    errors = {
+        name: ((gradients[name].grad.double() - g).norm() / g.norm().clamp_min(floor)).item()
+        for name, g in want.items()
+    }
+    assert max(errors.values()) < 1e-3, sorted(errors.items(), key=lambda item: -item[1])[:3]
+
+
+@needs_c_compiler
+@pytest.mark.parametrize("memory_efficient", [True, False])
+def test_spike_driven_training_step_stays_close_to_the_exact_one(memory_efficient: bool) -> None:
+    """Every spike-fed convolution forced spike-driven: gradients within the documented bound."""
+    config = {**TINY_SDT, "memory_efficient": memory_efficient}
+    exact, spike_driven = _exact_and_forced_spike_driven("sdt", config)
     x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2
     calls: list[str] = []
     exact(x).sum().backward()
@@ -232,14 +253,7 @@ def test_spike_driven_training_step_stays_close_to_the_exact_one(memory_efficien
         sum(isinstance(m, SpikeConv2d) for m in spike_driven.modules()) - 1
     )  # not the image's
     assert calls.count("weight_grad") == spike_fed and calls.count("output") >= spike_fed
-    gradients = dict(spike_driven.named_parameters())
-    # Floored for the biases in front of a training BatchNorm, whose true gradient is 0.
-    floor = max(p.grad.norm() for p in exact.parameters()) * 1e-2
-    errors = {
-        name: ((gradients[name].grad - p.grad).norm() / p.grad.norm().clamp_min(floor)).item()
-        for name, p in exact.named_parameters()
-    }
-    assert max(errors.values()) < 1e-3, sorted(errors.items(), key=lambda item: -item[1])[:3]
+    _assert_gradients_close(exact, spike_driven)
 
 
 @needs_c_compiler
@@ -263,13 +277,7 @@ def test_every_family_trains_spike_driven_close_to_the_exact_path(family: str) -
     """The digits recipe's model of each family, every spike-fed convolution forced spike-driven."""
     layers = ["--layer", "3"] if family == "qkformer" else []  # its smallest with an SSA stage
     config = model_config(parse_config(["--model", family, *layers], "train"))
-    torch.manual_seed(0)
-    exact = statten.create_model(family, **config).train()
-    spike_driven = statten.create_model(family, **config, spike_driven=True).train()
-    spike_driven.load_state_dict(exact.state_dict())
-    for module in spike_driven.modules():
-        if isinstance(module, SpikeConv2d):
-            module.max_density = module.max_density_weight_grad = 1.0
+    exact, spike_driven = _exact_and_forced_spike_driven(family, config)
     x, target = exact.example_input(8), torch.randint(0, 10, (8,))
     calls: list[str] = []
     with _counting_kernels(calls):
@@ -280,12 +288,4 @@ def test_every_family_trains_spike_driven_close_to_the_exact_path(family: str) -
 
             model.loss(model(x), target, criterion).backward()
     assert "output" in calls and "weight_grad" in calls
-    gradients = dict(spike_driven.named_parameters())
-    # float64 norms: an untrained SDT v2's largest gradients overflow a float32 sum of squares
-    want = {name: p.grad.double() for name, p in exact.named_parameters()}
-    floor = max(g.norm() for g in want.values()) * 1e-2
-    errors = {
-        name: ((gradients[name].grad.double() - g).norm() / g.norm().clamp_min(floor)).item()
-        for name, g in want.items()
-    }
-    assert max(errors.values()) < 1e-3, sorted(errors.items(), key=lambda item: -item[1])[:3]
+    _assert_gradients_close(exact, spike_driven)
