@@ -26,7 +26,7 @@ from statten.fast import (
     use_native_kernels,
 )
 from statten.fast.functions import record_saved_tensors
-from statten.fast.kernels import lif_input_grad, lif_spikes
+from statten.fast.kernels import batch_norm_lif_input_grad, lif_input_grad, lif_spikes
 from statten.fast.storage import _Packed, _SpikeStore, _unpack
 from statten.models.base import SpikingModel
 from statten.neurons import LIF, is_neuron
@@ -204,6 +204,38 @@ def test_fused_kernels_equal_eager_kernels(kind: str, shape: tuple[int, ...]) ->
     for eager, fast in zip(expected, fused, strict=True):
         assert torch.equal(eager, fast)
         assert eager.stride() == fast.stride()
+
+
+# A fused conv -> BatchNorm -> LIF layer's backward forms BatchNorm's output inside the LIF
+# kernels instead of recomputing it: the same bits as torch's kernel, in both layouts, for
+# channel and plane sizes that leave partial vectors.
+@needs_c_compiler
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("size", [(2, 3, 37, 7, 9), (4, 2, 24, 4, 4)])
+def test_lif_gradient_through_batch_norm_equals_recomputed(
+    size: tuple[int, ...], channels_last: bool
+) -> None:
+    generator = torch.Generator().manual_seed(0)
+    steps, channels = size[:2], size[2]
+    conv_out = torch.randn(steps[0] * steps[1], *size[2:], generator=generator).mul_(3)
+    conv_out = conv_out.contiguous(memory_format=torch.channels_last) if channels_last else conv_out
+    weight, bias = torch.randn(2, channels, generator=generator)
+    grad = torch.randn(size, generator=generator)
+    y, mean, invstd = torch.ops.aten.native_batch_norm(
+        conv_out, weight, bias, None, None, True, 0.1, 1e-5
+    )
+    expected = lif_input_grad(grad, y.unflatten(0, steps), 0.5, 2.0, 4.0)
+    fused = batch_norm_lif_input_grad(grad, conv_out, (mean, invstd), weight, bias, 0.5, 2.0, 4.0)
+    assert fused is not None, "torch's BatchNorm rounds unlike the C kernels on this build"
+    assert torch.equal(fused, expected)
+    assert fused.stride() == expected.stride()
+
+
+def test_lif_gradient_through_batch_norm_declines_other_layouts() -> None:
+    conv_out = torch.randn(4, 3, 6, 6).transpose(2, 3)  # neither contiguous nor channels-last
+    stats = torch.zeros(3), torch.ones(3)
+    grad = torch.randn(2, 2, 3, 6, 6)
+    assert batch_norm_lif_input_grad(grad, conv_out, stats, *stats, 1.0, 2.0, 4.0) is None
 
 
 @needs_c_compiler

@@ -4,7 +4,8 @@
   the reset mask and the surrogate input of every step.
 - :func:`fused_conv_bn_lif` runs conv -> BatchNorm -> LIF as one layer. It stores the conv input
   (spikes, kept as 1 byte by :func:`~statten.fast.storage.spike_storage`) and, unless told to
-  recompute it, the conv output that BatchNorm needs; the BatchNorm output is recomputed.
+  recompute it, the conv output that BatchNorm needs; backward forms the BatchNorm output from it
+  element by element inside the LIF kernels (or recomputes it where they cannot).
 - :func:`max_pool` stores the argmax of every window as int32 instead of the input and int64
   indices.
 
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from statten.fast.kernels import lif_input_grad, lif_spikes
+from statten.fast.kernels import batch_norm_lif_input_grad, lif_input_grad, lif_spikes
 from statten.fast.spike_conv import SpikeConv2d, conv2d_backward, conv2d_forward
 from statten.fast.storage import mark_spikes, observing_saved_tensors
 
@@ -119,12 +120,17 @@ class _ConvBatchNormLIF(torch.autograd.Function):
             x, conv_weight, conv_bias = ctx.saved_tensors
             out = conv2d_forward(conv, x.flatten(0, 1), conv_weight, conv_bias)
             del x
-        y = torch.ops.aten.native_batch_norm(out, bn.weight, bn.bias, None, None, True, 0.0, bn.eps)
-        grad_y = lif_input_grad(  # into y's memory where the kernels can
-            grad_spikes, y[0].unflatten(0, ctx.steps), v_threshold, tau, alpha, True
+        grad_y = batch_norm_lif_input_grad(
+            grad_spikes, out, (mean, invstd), bn.weight, bn.bias, v_threshold, tau, alpha
         )
+        if grad_y is None:  # recompute BatchNorm's output, and write the gradient into it
+            y = torch.ops.aten.native_batch_norm(
+                out, bn.weight, bn.bias, None, None, True, 0.0, bn.eps
+            )[0]
+            grad_y = lif_input_grad(grad_spikes, y.unflatten(0, ctx.steps), *ctx.neuron, True)
+            del y
         grad_y = _in_layout_of(grad_y, grad_spikes)
-        del y, grad_spikes
+        del grad_spikes
         grad_out, grad_bn_weight, grad_bn_bias = torch.ops.aten.native_batch_norm_backward(
             grad_y.flatten(0, 1), out, bn.weight, None, None, mean, invstd, True, bn.eps,
             [True, *ctx.needs_input_grad[3:5]],

@@ -18,6 +18,8 @@ Three implementations of the same arithmetic:
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable
 
 import torch
@@ -25,6 +27,7 @@ import torch
 from statten.fast import native
 
 __all__ = [
+    "batch_norm_lif_input_grad",
     "compiled_kernels_enabled",
     "lif_input_grad",
     "lif_spikes",
@@ -189,10 +192,106 @@ def lif_input_grad(
     if _native(rows, grad_rows):
         copied = rows.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
         work = rows if overwrite_input or copied else torch.empty_like(rows)
-        below = native.lif_charge(rows, work, v_threshold, tau, alpha)
-        for step in work:  # torch's sigmoid, row by row as in _input_grad_eager: same bits
-            step.sigmoid_()
-        return _unrows(native.lif_grad(work, grad_rows, below, tau, alpha), x, order)
+        grad = _native_input_grad(grad_rows, rows, work, v_threshold, tau, alpha)
+        return _unrows(grad, x, order)
     kernel = _kernel(_input_grad, _input_grad_eager, x)
     grad = kernel(grad_rows, rows, v_threshold, tau, alpha)
     return _unrows(grad, x, order)
+
+
+def _native_input_grad(
+    grad_rows: torch.Tensor,
+    rows: torch.Tensor,
+    work: torch.Tensor,
+    v_threshold: float,
+    tau: float,
+    alpha: float,
+    affine: tuple[torch.Tensor, int] | None = None,
+) -> torch.Tensor:
+    """The C kernels' input gradient, built in ``work`` (which may be ``rows``)."""
+    below = native.lif_charge(rows, work, v_threshold, tau, alpha, affine)
+    for step in work:  # torch's sigmoid, row by row as in _input_grad_eager: same bits
+        step.sigmoid_()
+    return native.lif_grad(work, grad_rows, below, tau, alpha)
+
+
+def batch_norm_lif_input_grad(
+    grad_spikes: torch.Tensor,
+    conv_out: torch.Tensor,
+    batch_stats: tuple[torch.Tensor, torch.Tensor],
+    bn_weight: torch.Tensor,
+    bn_bias: torch.Tensor,
+    v_threshold: float,
+    tau: float,
+    alpha: float,
+) -> torch.Tensor | None:
+    """Gradient w.r.t. ``y``, for a LIF layer fed ``y = BatchNorm(conv_out)`` in training mode.
+
+    ``conv_out [T * B, C, H, W]``, ``batch_stats`` its ``(mean, invstd)``, ``grad_spikes [T, B,
+    C, H, W]``. ``y`` is not materialised: the C kernels form each of its elements from
+    ``conv_out`` on the fly, as torch's CPU BatchNorm kernel does, which saves recomputing the
+    statistics and a full-size tensor. None where that is not bit-identical to ``y`` here (not
+    the C kernels, a layout other than contiguous or channels-last, or a torch build whose
+    BatchNorm rounds differently, checked once per layout): the caller then recomputes ``y``.
+    """
+    layout = _batch_norm_layout(conv_out)
+    if torch.compiler.is_compiling() or layout is None or not _batch_norm_formed_exactly(layout):
+        return None
+    return _fused_batch_norm_input_grad(
+        grad_spikes, conv_out, batch_stats, bn_weight, bn_bias, v_threshold, tau, alpha
+    )
+
+
+def _fused_batch_norm_input_grad(
+    grad_spikes: torch.Tensor,
+    conv_out: torch.Tensor,
+    batch_stats: tuple[torch.Tensor, torch.Tensor],
+    bn_weight: torch.Tensor,
+    bn_bias: torch.Tensor,
+    v_threshold: float,
+    tau: float,
+    alpha: float,
+) -> torch.Tensor | None:
+    """:func:`batch_norm_lif_input_grad` without the checks of torch's formula; None where the
+    C kernels do not run."""
+    x = conv_out.unflatten(0, grad_spikes.shape[:2])
+    order = _memory_order(x)
+    rows, grad_rows = _rows(x, order), _rows(grad_spikes, order)
+    if not _native(rows, grad_rows):
+        return None
+    terms = native.batch_norm_terms(*batch_stats, bn_weight.detach(), bn_bias.detach())
+    inner = math.prod(x.shape[axis] for axis in order[order.index(2) + 1 :])
+    work = torch.empty_like(rows)
+    grad = _native_input_grad(grad_rows, rows, work, v_threshold, tau, alpha, (terms, inner))
+    return _unrows(grad, x, order)
+
+
+def _batch_norm_layout(x: torch.Tensor) -> torch.memory_format | None:
+    """The memory format of ``x [N, C, H, W]`` for which torch's CPU BatchNorm runs its
+    ``x * scale + shift`` kernels; None for other layouts (another formula)."""
+    if x.dim() != 4 or x.dtype != torch.float32 or x.device.type != "cpu":
+        return None
+    if x.is_contiguous():
+        return torch.contiguous_format
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return None
+
+
+@functools.cache
+def _batch_norm_formed_exactly(layout: torch.memory_format) -> bool:
+    """Whether the C kernels' on-the-fly BatchNorm output equals torch's bit for bit in
+    ``layout`` (it depends on how torch was compiled: fused multiply-adds or not)."""
+    generator = torch.Generator().manual_seed(0)
+    conv_out = torch.randn(4, 19, 5, 7, generator=generator).mul_(3).add_(0.5)
+    conv_out = conv_out.contiguous(memory_format=layout)
+    weight, bias = torch.randn(2, 19, generator=generator)
+    grad = torch.randn(2, 2, 19, 5, 7, generator=generator)
+    y, mean, invstd = torch.ops.aten.native_batch_norm(
+        conv_out, weight, bias, None, None, True, 0.1, 1e-5
+    )
+    fused = _fused_batch_norm_input_grad(
+        grad, conv_out, (mean, invstd), weight, bias, 0.5, 2.0, 4.0
+    )
+    expected = lif_input_grad(grad, y.unflatten(0, (2, 2)), 0.5, 2.0, 4.0)
+    return fused is not None and torch.equal(fused, expected)

@@ -10,7 +10,13 @@
  * -ffast-math and with -ffp-contract=off, so results are bit-identical. The sigmoid of the
  * surrogate gradient is left to torch (between lif_charge and lif_grad), whose vectorised exp
  * this file cannot reproduce bit for bit.
+ *
+ * lif_charge can take its input as BatchNorm's training output of a convolution's output: the
+ * element's channel is (i / inner) % channels and its value scale[c] * x + shift[c], both
+ * rounded once (fmaf), as torch's CPU batch norm kernel computes it when built with FMA
+ * contraction; statten/fast/kernels.py checks that against torch before using it.
  */
+#include <math.h>
 #include <stdint.h>
 
 #include "parallel.h"
@@ -34,6 +40,8 @@ typedef struct {
     uint8_t *below;      /* 1 where the charged potential stayed below the threshold */
     int64_t steps, n;
     float v_threshold, tau, alpha;
+    const float *scale, *shift; /* per-channel affine map of x (charge), or none */
+    int64_t channels, inner;
 } Job;
 
 /* Spikes of the LIF fed x: H = V + (X - V) / tau, spike when H >= v_th, hard reset to 0. */
@@ -58,16 +66,34 @@ static void spikes_range(void *arg, int64_t begin, int64_t end) {
     }
 }
 
+/* The scale and shift of elements [start, start + m) of a row, by their channel. */
+static void affine_terms(const Job *r, int64_t start, int64_t m, float *scale, float *shift) {
+    int64_t channel = start / r->inner % r->channels, within = start % r->inner;
+    for (int64_t i = 0; i < m; i++) {
+        scale[i] = r->scale[channel];
+        shift[i] = r->shift[channel];
+        if (++within == r->inner) {
+            within = 0;
+            if (++channel == r->channels) channel = 0;
+        }
+    }
+}
+
 /* Recharges the potentials from x; out = (H - v_th) * alpha, below = H < v_th (out may be x). */
 static void charge_range(void *arg, int64_t begin, int64_t end) {
     const Job *r = arg;
     const float v_threshold = r->v_threshold, tau = r->tau, alpha = r->alpha; /* not aliased */
-    float v[BLOCK];
+    float v[BLOCK], scale[BLOCK], shift[BLOCK], mapped[BLOCK];
     for (int64_t start = begin; start < end; start += BLOCK) {
         const int64_t m = end - start < BLOCK ? end - start : BLOCK;
         for (int64_t i = 0; i < m; i++) v[i] = 0.0f;
+        if (r->scale) affine_terms(r, start, m, scale, shift);
         for (int64_t t = 0; t < r->steps; t++) {
             const float *x = r->x + t * r->n + start;
+            if (r->scale) {
+                for (int64_t i = 0; i < m; i++) mapped[i] = fmaf(x[i], scale[i], shift[i]);
+                x = mapped;
+            }
             float *z = r->out + t * r->n + start;
             uint8_t *below = r->below + t * r->n + start;
             VECTORIZE
@@ -108,19 +134,30 @@ static void grad_range(void *arg, int64_t begin, int64_t end) {
 
 int statten_lif_spikes(const float *x, float *spikes, int64_t steps, int64_t n,
                        float v_threshold, float tau, int threads) {
-    Job job = {x, 0, spikes, 0, steps, n, v_threshold, tau, 0.0f};
+    Job job = {x, 0, spikes, 0, steps, n, v_threshold, tau, 0.0f, 0, 0, 1, 1};
     return parallel_for(spikes_range, &job, n, BLOCK, threads);
 }
 
 int statten_lif_charge(const float *x, float *out, uint8_t *below, int64_t steps, int64_t n,
-                       float v_threshold, float tau, float alpha, int threads) {
-    Job job = {x, 0, out, below, steps, n, v_threshold, tau, alpha};
+                       float v_threshold, float tau, float alpha, const float *scale,
+                       const float *shift, int64_t channels, int64_t inner, int threads) {
+    Job job = {x, 0, out, below, steps, n, v_threshold, tau, alpha, scale, shift, channels, inner};
     return parallel_for(charge_range, &job, n, BLOCK, threads);
 }
 
 int statten_lif_grad(const float *sig, const float *grad_spikes, const uint8_t *below,
                      float *grad_x, int64_t steps, int64_t n, float tau, float alpha,
                      int threads) {
-    Job job = {sig, grad_spikes, grad_x, (uint8_t *)below, steps, n, 0.0f, tau, alpha};
+    Job job = {sig, grad_spikes, grad_x, (uint8_t *)below, steps, n, 0.0f, tau, alpha, 0, 0, 1, 1};
     return parallel_for(grad_range, &job, n, BLOCK, threads);
+}
+
+/* BatchNorm's linear terms, as torch's CPU kernel computes them: scale = invstd * weight,
+ * shift = bias - mean * scale rounded once. */
+void statten_batch_norm_terms(const float *mean, const float *invstd, const float *weight,
+                              const float *bias, float *scale, float *shift, int64_t channels) {
+    for (int64_t c = 0; c < channels; c++) {
+        scale[c] = invstd[c] * weight[c];
+        shift[c] = fmaf(-mean[c], scale[c], bias[c]);
+    }
 }

@@ -35,6 +35,7 @@ from torch.profiler import record_function
 
 __all__ = [
     "available",
+    "batch_norm_terms",
     "library",
     "lif_charge",
     "lif_grad",
@@ -47,6 +48,7 @@ SOURCES = [Path(__file__).with_name(name) for name in ("lif.c", "spike_conv.c")]
 HEADERS = [Path(__file__).with_name("parallel.h")]
 FLAGS = ["-O3", "-ffp-contract=off", "-shared", "-fPIC", "-pthread"]
 NATIVE_FLAGS = ["-march=native"]  # dropped if the compiler refuses it
+LIBRARIES = ["-lm"]
 
 
 def _cache_dir() -> Path:
@@ -86,7 +88,7 @@ def _build(compiler: str, target: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
         for extra in (NATIVE_FLAGS, []):
-            command = [compiler, *FLAGS, *extra, *map(str, SOURCES), "-o", str(built)]
+            command = [compiler, *FLAGS, *extra, *map(str, SOURCES), *LIBRARIES, "-o", str(built)]
             result = subprocess.run(command, capture_output=True, text=True, check=False)
             if result.returncode == 0:
                 built.chmod(0o755)
@@ -99,7 +101,10 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     f32, i64, i32, ptr = ctypes.c_float, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     lib.statten_lif_spikes.argtypes = [ptr, ptr, i64, i64, f32, f32, i32]
-    lib.statten_lif_charge.argtypes = [ptr, ptr, ptr, i64, i64, f32, f32, f32, i32]
+    lib.statten_lif_charge.argtypes = [
+        ptr, ptr, ptr, i64, i64, f32, f32, f32, ptr, ptr, i64, i64, i32
+    ]  # fmt: skip
+    lib.statten_batch_norm_terms.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64]
     lib.statten_lif_grad.argtypes = [ptr, ptr, ptr, ptr, i64, i64, f32, f32, i32]
     lib.statten_spike_conv2d.argtypes = [
         ptr, ptr, i64, i64, i64, i64, ptr, ptr, i64, i64, i64, i64, ptr, ptr, ctypes.c_double, i32
@@ -160,17 +165,43 @@ def lif_spikes(rows: torch.Tensor, v_threshold: float, tau: float) -> torch.Tens
 
 
 def lif_charge(
-    rows: torch.Tensor, out: torch.Tensor, v_threshold: float, tau: float, alpha: float
+    rows: torch.Tensor,
+    out: torch.Tensor,
+    v_threshold: float,
+    tau: float,
+    alpha: float,
+    affine: tuple[torch.Tensor, int] | None = None,
 ) -> torch.Tensor:
-    """Fill ``out`` (may be ``rows``) with ``(H - v_th) * alpha``; return the ``H < v_th`` mask."""
+    """Fill ``out`` (may be ``rows``) with ``(H - v_th) * alpha``; return the ``H < v_th`` mask.
+
+    With ``affine = (terms, inner)`` the LIF is fed ``terms[0, c] * x + terms[1, c]`` rounded
+    once, ``c = (i // inner) % C`` for element ``i`` of a row (``terms [2, C]`` from
+    :func:`batch_norm_terms`).
+    """
     below = torch.empty(rows.shape, dtype=torch.uint8)
     steps, n = rows.shape
+    terms, inner = affine if affine is not None else (None, 1)
+    scale, shift = (None, None) if terms is None else (terms[0].data_ptr(), terms[1].data_ptr())
     with record_function("statten::lif_charge"):
         library().statten_lif_charge(
-            rows.data_ptr(), out.data_ptr(), below.data_ptr(), steps, n,
-            v_threshold, tau, alpha, torch.get_num_threads(),
+            rows.data_ptr(), out.data_ptr(), below.data_ptr(), steps, n, v_threshold, tau, alpha,
+            scale, shift, 1 if terms is None else terms.shape[1], inner, torch.get_num_threads(),
         )  # fmt: skip
     return below
+
+
+def batch_norm_terms(
+    mean: torch.Tensor, invstd: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
+    """``[scale, shift]`` (``[2, C]``) of a training BatchNorm with these batch statistics, as
+    torch's CPU kernel forms them: ``invstd * weight`` and ``bias - mean * scale`` rounded once.
+    Contiguous float32 inputs."""
+    terms = torch.empty(2, mean.numel())
+    library().statten_batch_norm_terms(
+        mean.data_ptr(), invstd.data_ptr(), weight.data_ptr(), bias.data_ptr(),
+        terms[0].data_ptr(), terms[1].data_ptr(), mean.numel(),
+    )  # fmt: skip
+    return terms
 
 
 def lif_grad(
