@@ -26,7 +26,14 @@ from statten.fast import (
     use_native_kernels,
 )
 from statten.fast.functions import record_saved_tensors
-from statten.fast.kernels import batch_norm_lif_input_grad, lif_input_grad, lif_spikes
+from statten.fast.kernels import (
+    batch_norm_lif_input_grad,
+    batch_norm_lif_spikes,
+    lif_input_grad,
+    lif_spikes,
+    max_pool_with_argmax,
+    max_unpool,
+)
 from statten.fast.storage import _Packed, _SpikeStore, _unpack
 from statten.models.base import SpikingModel
 from statten.neurons import LIF, is_neuron
@@ -231,11 +238,76 @@ def test_lif_gradient_through_batch_norm_equals_recomputed(
     assert fused.stride() == expected.stride()
 
 
+# ... and its forward collects BatchNorm's statistics in torch's order of additions and feeds
+# the LIF BatchNorm's output element by element: same spikes, statistics and running statistics.
+@needs_c_compiler
+@pytest.mark.parametrize("size", [(2, 3, 37, 7, 9), (4, 2, 24, 4, 4), (1, 2, 5, 1, 1)])
+def test_lif_spikes_through_batch_norm_equal_torch(size: tuple[int, ...]) -> None:
+    generator = torch.Generator().manual_seed(0)
+    steps, channels = size[:2], size[2]
+    conv_out = torch.randn(steps[0] * steps[1], *size[2:], generator=generator).mul_(3).add_(1)
+    expected, fused = (torch.nn.BatchNorm2d(channels, momentum=0.2) for _ in range(2))
+    with torch.no_grad():
+        expected.weight.normal_(generator=generator)
+        expected.running_mean.normal_(generator=generator)
+    fused.load_state_dict(expected.state_dict())
+    y = expected(conv_out)
+    result = batch_norm_lif_spikes(conv_out, steps, fused, fused.weight, fused.bias, 0.5, 2.0)
+    assert result is not None, "torch's BatchNorm rounds unlike the C kernels on this build"
+    spikes, mean, invstd = result
+    assert torch.equal(spikes, lif_spikes(y.unflatten(0, steps), 0.5, 2.0))
+    stats = torch.ops.aten.native_batch_norm(conv_out, None, None, None, None, True, 0.0, 1e-5)
+    assert torch.equal(mean, stats[1])
+    assert torch.equal(invstd, stats[2])
+    assert torch.equal(fused.running_mean, expected.running_mean)
+    assert torch.equal(fused.running_var, expected.running_var)
+
+
+def test_lif_spikes_through_batch_norm_decline_channels_last() -> None:
+    conv_out = torch.randn(4, 3, 6, 6).contiguous(memory_format=torch.channels_last)
+    bn = torch.nn.BatchNorm2d(3)
+    assert batch_norm_lif_spikes(conv_out, (2, 2), bn, bn.weight, bn.bias, 1.0, 2.0) is None
+
+
 def test_lif_gradient_through_batch_norm_declines_other_layouts() -> None:
     conv_out = torch.randn(4, 3, 6, 6).transpose(2, 3)  # neither contiguous nor channels-last
     stats = torch.zeros(3), torch.ones(3)
     grad = torch.randn(2, 2, 3, 6, 6)
     assert batch_norm_lif_input_grad(grad, conv_out, stats, *stats, 1.0, 2.0, 4.0) is None
+
+
+def _pool_input(kind: str, shape: tuple[int, ...]) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    if kind == "spikes":  # ties everywhere: the first maximum of each window must win
+        return (torch.rand(shape, generator=generator) < 0.3).float()
+    x = torch.randn(shape, generator=generator).round_()  # ties, plus NaN and -inf
+    x.view(-1)[torch.randperm(x.numel(), generator=generator)[:40]] = float("nan")
+    x.view(-1)[torch.randperm(x.numel(), generator=generator)[:40]] = float("-inf")
+    x[0, 0] = float("-inf")  # windows of -inf only
+    return x
+
+
+@needs_c_compiler
+@pytest.mark.parametrize("kind", ["spikes", "values"])
+@pytest.mark.parametrize(
+    ("kernel_size", "stride", "padding"),
+    [(3, 2, 1), (2, 2, 0), (3, 1, 1), ((3, 2), (2, 1), (1, 0))],
+)
+def test_max_pool_kernels_equal_torch(
+    kind: str, kernel_size: int | tuple, stride: int | tuple, padding: int | tuple
+) -> None:
+    x = _pool_input(kind, (3, 5, 9, 11))
+    pool = torch.nn.MaxPool2d(kernel_size, stride, padding)
+    expected, indices = torch.nn.functional.max_pool2d_with_indices(x, kernel_size, stride, padding)
+    out, argmax = max_pool_with_argmax(x, pool)
+    assert torch.equal(out.isnan(), expected.isnan())
+    assert torch.equal(out.nan_to_num(), expected.nan_to_num())
+    assert argmax.dtype == torch.int32 and torch.equal(argmax.long(), indices)
+    grad = torch.randn(expected.shape)  # overlapping windows add into one input
+    expected_grad = (
+        torch.zeros_like(x).view(3, 5, -1).scatter_add_(2, indices.flatten(2), grad.flatten(2))
+    )
+    assert torch.equal(max_unpool(grad, argmax, x.shape, x.stride()), expected_grad.view_as(x))
 
 
 @needs_c_compiler

@@ -20,10 +20,16 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from statten.fast.kernels import batch_norm_lif_input_grad, lif_input_grad, lif_spikes
+from statten.fast.kernels import (
+    batch_norm_lif_input_grad,
+    batch_norm_lif_spikes,
+    lif_input_grad,
+    lif_spikes,
+    max_pool_with_argmax,
+    max_unpool,
+)
 from statten.fast.spike_conv import SpikeConv2d, conv2d_backward, conv2d_forward
 from statten.fast.storage import mark_spikes, observing_saved_tensors
 
@@ -91,16 +97,20 @@ class _ConvBatchNormLIF(torch.autograd.Function):
         pool: nn.MaxPool2d | None,
     ) -> Any:
         out = conv2d_forward(conv, x.flatten(0, 1), conv_weight, conv_bias)
-        y, mean, invstd = torch.ops.aten.native_batch_norm(
-            out, bn_weight, bn_bias, running_mean, running_var, True, bn.momentum, bn.eps
-        )
         ctx.save_for_backward(x, conv_weight, conv_bias)
         ctx.modules, ctx.neuron, ctx.steps = (conv, bn), neuron, x.shape[:2]
-        ctx.batch_norm_stats = (mean, invstd)
         ctx.conv_output = None if recompute else out
-        del out  # unless kept, free the conv output before the spikes are allocated
-        spikes = lif_spikes(y.unflatten(0, x.shape[:2]), neuron[0], neuron[1])
-        del y
+        fused = batch_norm_lif_spikes(out, x.shape[:2], bn, bn_weight, bn_bias, *neuron[:2])
+        if fused is None:
+            y, mean, invstd = torch.ops.aten.native_batch_norm(
+                out, bn_weight, bn_bias, running_mean, running_var, True, bn.momentum, bn.eps
+            )
+            del out  # unless kept, free the conv output before the spikes are allocated
+            spikes = lif_spikes(y.unflatten(0, x.shape[:2]), neuron[0], neuron[1])
+            del y
+        else:
+            spikes, mean, invstd = fused
+        ctx.batch_norm_stats = (mean, invstd)
         ctx.pooling = None
         if pool is None:
             return spikes
@@ -114,7 +124,9 @@ class _ConvBatchNormLIF(torch.autograd.Function):
         mean, invstd = ctx.batch_norm_stats
         grad_spikes = grad_output
         if ctx.pooling is not None:
-            grad_spikes = _unpool(grad_output.flatten(0, 1), *ctx.pooling).unflatten(0, ctx.steps)
+            grad_spikes = max_unpool(grad_output.flatten(0, 1), *ctx.pooling).unflatten(
+                0, ctx.steps
+            )
         out, ctx.conv_output = ctx.conv_output, None
         if out is None:
             x, conv_weight, conv_bias = ctx.saved_tensors
@@ -200,21 +212,9 @@ def fused_conv_bn_lif(
 
 
 def _pool(pool: nn.MaxPool2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple[Any, ...]]:
-    """``pool(x)`` for ``x [N, C, H, W]``, and what :func:`_unpool` needs (int32 argmaxes)."""
-    out, indices = F.max_pool2d_with_indices(
-        x, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode
-    )
-    return out, (indices.to(torch.int32), x.shape, x.stride())
-
-
-def _unpool(
-    grad_out: torch.Tensor, indices: torch.Tensor, shape: torch.Size, stride: tuple[int, ...]
-) -> torch.Tensor:
-    """Gradient w.r.t. a max pool's input: ``grad_out`` summed into each window's argmax."""
-    grad_x = torch.empty_strided(shape, stride, dtype=grad_out.dtype, device=grad_out.device)
-    planes = grad_x.zero_().view(shape[0], shape[1], -1)
-    planes.scatter_add_(2, indices.flatten(2).long(), grad_out.flatten(2))
-    return grad_x
+    """``pool(x)`` for ``x [N, C, H, W]``, and what :func:`max_unpool` needs (int32 argmaxes)."""
+    out, indices = max_pool_with_argmax(x, pool)
+    return out, (indices, x.shape, x.stride())
 
 
 class _MaxPool(torch.autograd.Function):
@@ -227,7 +227,7 @@ class _MaxPool(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (indices,) = ctx.saved_tensors
-        return _unpool(grad_out, indices, *ctx.input_layout), None
+        return max_unpool(grad_out, indices, *ctx.input_layout), None
 
 
 def max_pool(pool: nn.MaxPool2d, x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Fused multi-step LIF kernels: spikes forward, input gradient backward, nothing else stored.
+"""Fused multi-step LIF kernels: spikes forward, input gradient backward, nothing else stored;
+and max pooling with int32 argmaxes (C where it runs, torch otherwise, the same results).
 
 The arithmetic is SpikingJelly's, operation for operation (``H = V + (X - V) / tau``, spike when
 ``H >= v_th``, hard reset to 0, sigmoid surrogate ``(1 - s) s alpha`` with ``s = sigmoid(alpha
@@ -28,9 +29,12 @@ from statten.fast import native
 
 __all__ = [
     "batch_norm_lif_input_grad",
+    "batch_norm_lif_spikes",
     "compiled_kernels_enabled",
     "lif_input_grad",
     "lif_spikes",
+    "max_pool_with_argmax",
+    "max_unpool",
     "use_compiled_kernels",
     "use_native_kernels",
 ]
@@ -295,3 +299,138 @@ def _batch_norm_formed_exactly(layout: torch.memory_format) -> bool:
     )
     expected = lif_input_grad(grad, y.unflatten(0, (2, 2)), 0.5, 2.0, 4.0)
     return fused is not None and torch.equal(fused, expected)
+
+
+def batch_norm_lif_spikes(
+    conv_out: torch.Tensor,
+    steps: tuple[int, int],
+    bn: torch.nn.BatchNorm2d,
+    bn_weight: torch.Tensor,
+    bn_bias: torch.Tensor,
+    v_threshold: float,
+    tau: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Spikes ``[T, B, C, H, W]`` of a LIF layer fed ``y = bn(conv_out)`` in training mode, and
+    the batch's ``(mean, invstd)``; ``bn``'s running statistics are updated as torch does.
+
+    ``conv_out [T * B, C, H, W]`` with ``(T, B) = steps``. ``y`` is not materialised: the C
+    kernels collect the statistics in torch's order of additions and form each element of ``y``
+    inside the LIF loop, as torch's CPU kernel would. None where that is not bit-identical to
+    ``native_batch_norm`` here (not contiguous, not the C kernels, or a torch build that rounds
+    differently, checked once): the caller then runs BatchNorm itself.
+    """
+    if not (_native_batch_norm_input(conv_out) and bn.eps > 0 and _batch_norm_forward_exactly()):
+        return None
+    return _fused_batch_norm_spikes(conv_out, steps, bn, bn_weight, bn_bias, v_threshold, tau)
+
+
+def _native_batch_norm_input(x: torch.Tensor) -> bool:
+    """A non-empty contiguous ``[N, C, H, W]`` float32 CPU tensor, outside a compiled graph."""
+    return (
+        not torch.compiler.is_compiling()
+        and _batch_norm_layout(x) == torch.contiguous_format
+        and x.numel() > 0
+        and _native(x)
+    )
+
+
+def _fused_batch_norm_spikes(
+    conv_out: torch.Tensor,
+    steps: tuple[int, int],
+    bn: torch.nn.BatchNorm2d,
+    bn_weight: torch.Tensor,
+    bn_bias: torch.Tensor,
+    v_threshold: float,
+    tau: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`batch_norm_lif_spikes` without the checks (the arithmetic of torch's
+    ``batch_norm_cpu_update_stats_template``, in its order and precisions)."""
+    mean, var_sum = native.batch_norm_stats(conv_out)
+    count = conv_out.numel() // conv_out.shape[1]
+    invstd = (var_sum / count).double().add_(bn.eps).sqrt_().reciprocal_().float()
+    if bn.running_mean is not None:
+        momentum = torch.tensor(bn.momentum, dtype=torch.float32)
+        keep = 1 - momentum
+        with torch.no_grad():
+            bn.running_mean.copy_(momentum * mean + keep * bn.running_mean)
+            unbiased = (var_sum / (count - 1)).double()
+            bn.running_var.copy_(momentum.double() * unbiased + (keep * bn.running_var).double())
+    terms = native.batch_norm_terms(mean, invstd, bn_weight.detach(), bn_bias.detach())
+    rows = conv_out.detach().view(steps[0], -1)
+    spikes = native.lif_spikes(rows, v_threshold, tau, (terms, conv_out[0, 0].numel()))
+    return spikes.view(*steps, *conv_out.shape[1:]), mean, invstd
+
+
+@functools.cache
+def _batch_norm_forward_exactly() -> bool:
+    """Whether :func:`batch_norm_lif_spikes` gives torch's spikes, statistics and running
+    statistics bit for bit (it depends on how torch was compiled)."""
+    generator = torch.Generator().manual_seed(0)
+    conv_out = torch.randn(4, 19, 5, 7, generator=generator).mul_(3).add_(0.5)
+    expected, fused = (torch.nn.BatchNorm2d(19, momentum=0.3) for _ in range(2))
+    for bn in (expected, fused):
+        with torch.no_grad():
+            bn.weight.copy_(torch.randn(19, generator=generator))
+            bn.running_mean.normal_(generator=generator)
+    fused.load_state_dict(expected.state_dict())
+    y, mean, invstd = torch.ops.aten.native_batch_norm(
+        conv_out, expected.weight, expected.bias, expected.running_mean, expected.running_var,
+        True, expected.momentum, expected.eps,
+    )  # fmt: skip
+    spikes = lif_spikes(y.unflatten(0, (2, 2)), 0.5, 2.0)
+    results = _fused_batch_norm_spikes(conv_out, (2, 2), fused, fused.weight, fused.bias, 0.5, 2.0)
+    return all(
+        torch.equal(a, b)
+        for a, b in zip(
+            (spikes, mean, invstd, expected.running_mean, expected.running_var),
+            (*results, fused.running_mean, fused.running_var),
+            strict=True,
+        )
+    )
+
+
+def max_pool_with_argmax(
+    x: torch.Tensor, pool: torch.nn.MaxPool2d
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pool(x)`` for ``x [N, C, H, W]`` and the int32 argmax of every window in its plane:
+    ``max_pool2d_with_indices``, through the C kernel where it runs (contiguous float32 on CPU,
+    dilation 1, floor mode)."""
+    kernel, stride, padding = (
+        torch.nn.modules.utils._pair(value)
+        for value in (pool.kernel_size, pool.stride or pool.kernel_size, pool.padding)
+    )
+    if (
+        _native(x)
+        and x.dim() == 4
+        and torch.nn.modules.utils._pair(pool.dilation) == (1, 1)
+        and not pool.ceil_mode
+        and all(0 <= 2 * p <= k for p, k in zip(padding, kernel, strict=True))
+        and kernel[0] <= native.MAX_POOL_KERNEL
+        and x.shape[3] <= native.MAX_POOL_WIDTH
+        and not torch.compiler.is_compiling()
+    ):
+        size = tuple(
+            (length + 2 * p - k) // s + 1
+            for length, p, k, s in zip(x.shape[2:], padding, kernel, stride, strict=True)
+        )
+        if min(size) > 0:
+            return native.max_pool2d(x, kernel, stride, padding, size)
+    out, indices = torch.nn.functional.max_pool2d_with_indices(
+        x, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode
+    )
+    return out, indices.to(torch.int32)
+
+
+def max_unpool(
+    grad_out: torch.Tensor, indices: torch.Tensor, shape: torch.Size, stride: tuple[int, ...]
+) -> torch.Tensor:
+    """Gradient w.r.t. a max pool's input (``shape``, ``stride``): ``grad_out`` summed into each
+    window's argmax (``indices`` from :func:`max_pool_with_argmax`), in scatter_add's order."""
+    contiguous = stride == tuple(math.prod(shape[axis + 1 :]) for axis in range(len(shape)))
+    native_layouts = contiguous and indices.is_contiguous() and _native(grad_out)
+    if native_layouts and not torch.compiler.is_compiling():
+        return native.max_unpool2d(grad_out, indices, shape)
+    grad_x = torch.empty_strided(shape, stride, dtype=grad_out.dtype, device=grad_out.device)
+    planes = grad_x.zero_().view(shape[0], shape[1], -1)
+    planes.scatter_add_(2, indices.flatten(2).long(), grad_out.flatten(2))
+    return grad_x

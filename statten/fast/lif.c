@@ -44,28 +44,6 @@ typedef struct {
     int64_t channels, inner;
 } Job;
 
-/* Spikes of the LIF fed x: H = V + (X - V) / tau, spike when H >= v_th, hard reset to 0. */
-static void spikes_range(void *arg, int64_t begin, int64_t end) {
-    const Job *r = arg;
-    const float v_threshold = r->v_threshold, tau = r->tau;
-    float v[BLOCK];
-    for (int64_t start = begin; start < end; start += BLOCK) {
-        const int64_t m = end - start < BLOCK ? end - start : BLOCK;
-        for (int64_t i = 0; i < m; i++) v[i] = 0.0f;
-        for (int64_t t = 0; t < r->steps; t++) {
-            const float *x = r->x + t * r->n + start;
-            float *s = r->out + t * r->n + start;
-            VECTORIZE
-            for (int64_t i = 0; i < m; i++) {
-                const float h = v[i] + (x[i] - v[i]) / tau;
-                const int fire = h >= v_threshold;
-                s[i] = fire ? 1.0f : 0.0f;
-                v[i] = fire ? 0.0f : h;
-            }
-        }
-    }
-}
-
 /* The scale and shift of elements [start, start + m) of a row, by their channel. */
 static void affine_terms(const Job *r, int64_t start, int64_t m, float *scale, float *shift) {
     int64_t channel = start / r->inner % r->channels, within = start % r->inner;
@@ -75,6 +53,33 @@ static void affine_terms(const Job *r, int64_t start, int64_t m, float *scale, f
         if (++within == r->inner) {
             within = 0;
             if (++channel == r->channels) channel = 0;
+        }
+    }
+}
+
+/* Spikes of the LIF fed x: H = V + (X - V) / tau, spike when H >= v_th, hard reset to 0. */
+static void spikes_range(void *arg, int64_t begin, int64_t end) {
+    const Job *r = arg;
+    const float v_threshold = r->v_threshold, tau = r->tau;
+    float v[BLOCK], scale[BLOCK], shift[BLOCK], mapped[BLOCK];
+    for (int64_t start = begin; start < end; start += BLOCK) {
+        const int64_t m = end - start < BLOCK ? end - start : BLOCK;
+        for (int64_t i = 0; i < m; i++) v[i] = 0.0f;
+        if (r->scale) affine_terms(r, start, m, scale, shift);
+        for (int64_t t = 0; t < r->steps; t++) {
+            const float *x = r->x + t * r->n + start;
+            if (r->scale) {
+                for (int64_t i = 0; i < m; i++) mapped[i] = fmaf(x[i], scale[i], shift[i]);
+                x = mapped;
+            }
+            float *s = r->out + t * r->n + start;
+            VECTORIZE
+            for (int64_t i = 0; i < m; i++) {
+                const float h = v[i] + (x[i] - v[i]) / tau;
+                const int fire = h >= v_threshold;
+                s[i] = fire ? 1.0f : 0.0f;
+                v[i] = fire ? 0.0f : h;
+            }
         }
     }
 }
@@ -133,8 +138,9 @@ static void grad_range(void *arg, int64_t begin, int64_t end) {
 }
 
 int statten_lif_spikes(const float *x, float *spikes, int64_t steps, int64_t n,
-                       float v_threshold, float tau, int threads) {
-    Job job = {x, 0, spikes, 0, steps, n, v_threshold, tau, 0.0f, 0, 0, 1, 1};
+                       float v_threshold, float tau, const float *scale, const float *shift,
+                       int64_t channels, int64_t inner, int threads) {
+    Job job = {x, 0, spikes, 0, steps, n, v_threshold, tau, 0.0f, scale, shift, channels, inner};
     return parallel_for(spikes_range, &job, n, BLOCK, threads);
 }
 
@@ -160,4 +166,50 @@ void statten_batch_norm_terms(const float *mean, const float *invstd, const floa
         scale[c] = invstd[c] * weight[c];
         shift[c] = fmaf(-mean[c], scale[c], bias[c]);
     }
+}
+
+/* Batch statistics of a contiguous x [N][C][S] exactly as torch's CPU kernel collects them for
+ * BatchNorm: per channel a double sum over n then s, in that order; mean = sum / (N S) rounded to
+ * float; var_sum = the double sum of the float squares (x - mean)^2, rounded to float. GROUP
+ * channels run side by side, each its own chain in torch's order, so the additions overlap. */
+#define GROUP 8
+
+typedef struct {
+    const float *x;
+    float *mean, *var_sum;
+    int64_t images, channels, size;
+} StatsJob;
+
+static void stats_range(void *arg, int64_t begin, int64_t end) {
+    const StatsJob *r = arg;
+    const int64_t count = r->images * r->size;
+    for (int64_t c0 = begin; c0 < end; c0 += GROUP) {
+        const int64_t g = end - c0 < GROUP ? end - c0 : GROUP;
+        double sum[GROUP] = {0}, var_sum[GROUP] = {0};
+        float mean[GROUP];
+        for (int64_t n = 0; n < r->images; n++) {
+            const float *x = r->x + (n * r->channels + c0) * r->size;
+            for (int64_t s = 0; s < r->size; s++)
+                for (int64_t k = 0; k < g; k++) sum[k] += x[k * r->size + s];
+        }
+        for (int64_t k = 0; k < g; k++) mean[k] = (float)(sum[k] / count);
+        for (int64_t n = 0; n < r->images; n++) {
+            const float *x = r->x + (n * r->channels + c0) * r->size;
+            for (int64_t s = 0; s < r->size; s++)
+                for (int64_t k = 0; k < g; k++) {
+                    const float d = x[k * r->size + s] - mean[k];
+                    var_sum[k] += d * d;
+                }
+        }
+        for (int64_t k = 0; k < g; k++) {
+            r->mean[c0 + k] = mean[k];
+            r->var_sum[c0 + k] = (float)var_sum[k];
+        }
+    }
+}
+
+int statten_batch_norm_stats(const float *x, int64_t images, int64_t channels, int64_t size,
+                             float *mean, float *var_sum, int threads) {
+    StatsJob job = {x, mean, var_sum, images, channels, size};
+    return parallel_for(stats_range, &job, channels, GROUP, threads);
 }

@@ -4,6 +4,8 @@
   second instead of 10-40 s, without the compiler stack in the process (~0.1 GB of resident
   memory, counted against every training run), equal in every bit to the eager kernels, and
   able to work in place (``benchmarks/lif_kernels.py``).
+- ``pool.c``: max pooling with int32 argmaxes and its gradient, equal to torch's kernels (which
+  walk each window with a branch per element and scatter the gradient in a second pass).
 - ``spike_conv.c``: convolution of 0/1 spikes that adds the weights of the inputs that spiked
   instead of multiplying every input, and its weight gradient, which adds output gradients the
   same way (spike-driven inference and training, ``benchmarks/spike_conv.py``).
@@ -35,20 +37,24 @@ from torch.profiler import record_function
 
 __all__ = [
     "available",
+    "batch_norm_stats",
     "batch_norm_terms",
     "library",
     "lif_charge",
     "lif_grad",
     "lif_spikes",
+    "max_pool2d",
+    "max_unpool2d",
     "spike_conv2d",
     "spike_conv2d_weight_grad",
 ]
 
-SOURCES = [Path(__file__).with_name(name) for name in ("lif.c", "spike_conv.c")]
+SOURCES = [Path(__file__).with_name(name) for name in ("lif.c", "pool.c", "spike_conv.c")]
 HEADERS = [Path(__file__).with_name("parallel.h")]
 FLAGS = ["-O3", "-ffp-contract=off", "-shared", "-fPIC", "-pthread"]
 NATIVE_FLAGS = ["-march=native"]  # dropped if the compiler refuses it
 LIBRARIES = ["-lm"]
+MAX_POOL_KERNEL, MAX_POOL_WIDTH = 8, 1024  # window rows and output row length pool.c takes
 
 
 def _cache_dir() -> Path:
@@ -100,12 +106,15 @@ def _build(compiler: str, target: Path) -> None:
 def _bind(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     f32, i64, i32, ptr = ctypes.c_float, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
-    lib.statten_lif_spikes.argtypes = [ptr, ptr, i64, i64, f32, f32, i32]
+    lib.statten_lif_spikes.argtypes = [ptr, ptr, i64, i64, f32, f32, ptr, ptr, i64, i64, i32]
+    lib.statten_batch_norm_stats.argtypes = [ptr, i64, i64, i64, ptr, ptr, i32]
     lib.statten_lif_charge.argtypes = [
         ptr, ptr, ptr, i64, i64, f32, f32, f32, ptr, ptr, i64, i64, i32
     ]  # fmt: skip
     lib.statten_batch_norm_terms.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64]
     lib.statten_lif_grad.argtypes = [ptr, ptr, ptr, ptr, i64, i64, f32, f32, i32]
+    lib.statten_max_pool2d.argtypes = [ptr, i64, i64, i64, ptr, ptr, *[i64] * 8, i32]
+    lib.statten_max_unpool2d.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, ptr, i32]
     lib.statten_spike_conv2d.argtypes = [
         ptr, ptr, i64, i64, i64, i64, ptr, ptr, i64, i64, i64, i64, ptr, ptr, ctypes.c_double, i32
     ]  # fmt: skip
@@ -153,15 +162,43 @@ def available(x: torch.Tensor) -> bool:
     )
 
 
-def lif_spikes(rows: torch.Tensor, v_threshold: float, tau: float) -> torch.Tensor:
-    """Spikes of a LIF fed ``rows [T, n]`` (see ``lif.c``)."""
+def lif_spikes(
+    rows: torch.Tensor,
+    v_threshold: float,
+    tau: float,
+    affine: tuple[torch.Tensor, int] | None = None,
+) -> torch.Tensor:
+    """Spikes of a LIF fed ``rows [T, n]`` (see ``lif.c``), or their per-channel ``affine`` map
+    (as in :func:`lif_charge`)."""
     spikes = torch.empty_like(rows)
     steps, n = rows.shape
     with record_function("statten::lif_spikes"):
         library().statten_lif_spikes(
-            rows.data_ptr(), spikes.data_ptr(), steps, n, v_threshold, tau, torch.get_num_threads()
-        )
+            rows.data_ptr(), spikes.data_ptr(), steps, n, v_threshold, tau,
+            *_affine_arguments(affine), torch.get_num_threads(),
+        )  # fmt: skip
     return spikes
+
+
+def _affine_arguments(affine: tuple[torch.Tensor, int] | None) -> tuple:
+    """The ``scale, shift, channels, inner`` arguments of the LIF kernels for ``affine``."""
+    if affine is None:
+        return None, None, 1, 1
+    terms, inner = affine
+    return terms[0].data_ptr(), terms[1].data_ptr(), terms.shape[1], inner
+
+
+def batch_norm_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean, var_sum)`` per channel of a contiguous float32 ``x [N, C, ...]``, as torch's CPU
+    BatchNorm collects them (same order of additions, so the same bits)."""
+    images, channels = x.shape[:2]
+    stats = torch.empty(2, channels)
+    with record_function("statten::batch_norm_stats"):
+        library().statten_batch_norm_stats(
+            x.data_ptr(), images, channels, x[0, 0].numel(), stats[0].data_ptr(),
+            stats[1].data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+    return stats[0], stats[1]
 
 
 def lif_charge(
@@ -180,12 +217,10 @@ def lif_charge(
     """
     below = torch.empty(rows.shape, dtype=torch.uint8)
     steps, n = rows.shape
-    terms, inner = affine if affine is not None else (None, 1)
-    scale, shift = (None, None) if terms is None else (terms[0].data_ptr(), terms[1].data_ptr())
     with record_function("statten::lif_charge"):
         library().statten_lif_charge(
             rows.data_ptr(), out.data_ptr(), below.data_ptr(), steps, n, v_threshold, tau, alpha,
-            scale, shift, 1 if terms is None else terms.shape[1], inner, torch.get_num_threads(),
+            *_affine_arguments(affine), torch.get_num_threads(),
         )  # fmt: skip
     return below
 
@@ -215,6 +250,40 @@ def lif_grad(
             tau, alpha, torch.get_num_threads(),
         )  # fmt: skip
     return sig
+
+
+def max_pool2d(
+    x: torch.Tensor,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    output_size: tuple[int, int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Max pooling of a contiguous ``x [N, C, H, W]`` (dilation 1) and the int32 argmax of every
+    window within its plane, equal to ``max_pool2d_with_indices``'s (see ``pool.c``)."""
+    n, c, h, w = x.shape
+    out = torch.empty(n, c, *output_size)
+    indices = torch.empty(n, c, *output_size, dtype=torch.int32)
+    with record_function("statten::max_pool2d"):
+        library().statten_max_pool2d(
+            x.data_ptr(), n * c, h, w, out.data_ptr(), indices.data_ptr(), *output_size,
+            *kernel_size, *stride, *padding, torch.get_num_threads(),
+        )  # fmt: skip
+    return out, indices
+
+
+def max_unpool2d(grad_out: torch.Tensor, indices: torch.Tensor, size: torch.Size) -> torch.Tensor:
+    """The gradient w.r.t. the input ``[N, C, H, W]`` (``size``, contiguous) of a max pool, from
+    the contiguous ``grad_out`` and the int32 ``indices`` of :func:`max_pool2d`: each output's
+    gradient added into its argmax, in scatter_add's order."""
+    n, c, h, w = size
+    grad_x = torch.empty(size)
+    with record_function("statten::max_unpool2d"):
+        library().statten_max_unpool2d(
+            grad_out.data_ptr(), indices.data_ptr(), n * c, h, w, *grad_out.shape[2:],
+            grad_x.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+    return grad_x
 
 
 def _in_kernel_layout(x: torch.Tensor) -> torch.Tensor:

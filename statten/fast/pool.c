@@ -1,0 +1,129 @@
+/*
+ * Max pooling over contiguous planes and its gradient, for CPU (float32), loaded by
+ * statten/fast/native.py via ctypes.
+ *
+ * The same results as torch's CPU kernels, bit for bit: each window is scanned in row-major
+ * order and a value replaces the running maximum when it is larger or NaN, starting from -inf
+ * with the first position of the window; the gradient adds each output gradient into its
+ * argmax, plane by plane in output order (what scatter_add does), onto zeros. Indices are int32
+ * positions within the plane (what the memory-efficient layers store). Planes are independent,
+ * so they are split over threads.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "parallel.h"
+
+typedef struct {
+    const float *x;
+    float *out;
+    int32_t *indices;
+    const float *grad_out;
+    float *grad_x;
+    int64_t h, w, oh, ow, kh, kw, sh, sw, ph, pw;
+} PoolJob;
+
+/* Windows of at most MAX_KERNEL rows, output rows of at most MAX_WIDTH (the caller checks): the
+ * per-row maxima of one output row fit on the stack. */
+#define MAX_KERNEL 8
+#define MAX_WIDTH 1024
+
+/* Take v over (best, at) when torch's scan would: v larger, or v NaN. */
+#define TAKE(v, best) (((v) > (best)) | ((v) != (v)))
+
+/* One column of every window of a row: column ox * stride + offset of window ox, for the
+ * windows [lo, hi) in which it lies inside the row. Inlined with a constant stride, it
+ * vectorises over the windows. */
+static inline void window_column(const float *restrict row, int64_t offset, int64_t stride,
+                                 int64_t lo, int64_t hi, float *restrict best,
+                                 int32_t *restrict at) {
+    for (int64_t ox = lo; ox < hi; ox++) {
+        const int64_t x = ox * stride + offset;
+        const float v = row[x];
+        const int take = TAKE(v, best[ox]);
+        best[ox] = take ? v : best[ox];
+        at[ox] = take ? (int32_t)x : at[ox];
+    }
+}
+
+/* Maximum and first argmax column of each window of input row `row` (columns clipped to the
+ * row), scanning the window's columns in order. */
+static void row_maxima(const PoolJob *r, const float *row, float *best, int32_t *at) {
+    for (int64_t ox = 0; ox < r->ow; ox++) {
+        const int64_t x = ox * r->sw - r->pw;
+        best[ox] = -INFINITY;
+        at[ox] = (int32_t)(x < 0 ? 0 : x);
+    }
+    for (int64_t k = 0; k < r->kw; k++) {
+        const int64_t offset = k - r->pw; /* window ox reads column ox * sw + offset */
+        int64_t lo = offset < 0 ? (-offset + r->sw - 1) / r->sw : 0;
+        int64_t hi = offset < r->w ? (r->w - 1 - offset) / r->sw + 1 : 0;
+        if (hi > r->ow) hi = r->ow;
+        if (r->sw == 2)
+            window_column(row, offset, 2, lo, hi, best, at);
+        else if (r->sw == 1)
+            window_column(row, offset, 1, lo, hi, best, at);
+        else
+            window_column(row, offset, r->sw, lo, hi, best, at);
+    }
+}
+
+/* Per output row: the maxima of its window rows, then the maximum down them. In row-major order
+ * the first maximum of a window is the first maximum of the first row that holds it, and the
+ * last NaN is the last NaN of the last row that holds one: the same as torch's single scan. */
+static void pool_range(void *arg, int64_t begin, int64_t end) {
+    const PoolJob *r = arg;
+    float best[MAX_KERNEL][MAX_WIDTH];
+    int32_t at[MAX_KERNEL][MAX_WIDTH];
+    for (int64_t p = begin; p < end; p++) {
+        const float *plane = r->x + p * r->h * r->w;
+        for (int64_t oy = 0; oy < r->oh; oy++) {
+            const int64_t y_start = oy * r->sh - r->ph;
+            const int64_t y1 = y_start + r->kh < r->h ? y_start + r->kh : r->h;
+            const int64_t y0 = y_start < 0 ? 0 : y_start;
+            for (int64_t y = y0; y < y1; y++)
+                row_maxima(r, plane + y * r->w, best[y - y0], at[y - y0]);
+            float *out = r->out + (p * r->oh + oy) * r->ow;
+            int32_t *indices = r->indices + (p * r->oh + oy) * r->ow;
+            for (int64_t ox = 0; ox < r->ow; ox++) {
+                const int64_t x = ox * r->sw - r->pw;
+                out[ox] = -INFINITY;
+                indices[ox] = (int32_t)(y0 * r->w + (x < 0 ? 0 : x));
+            }
+            for (int64_t y = y0; y < y1; y++)
+                for (int64_t ox = 0; ox < r->ow; ox++) {
+                    const float v = best[y - y0][ox];
+                    const int take = TAKE(v, out[ox]);
+                    out[ox] = take ? v : out[ox];
+                    indices[ox] = take ? (int32_t)(y * r->w) + at[y - y0][ox] : indices[ox];
+                }
+        }
+    }
+}
+
+static void unpool_range(void *arg, int64_t begin, int64_t end) {
+    const PoolJob *r = arg;
+    const int64_t outputs = r->oh * r->ow;
+    for (int64_t p = begin; p < end; p++) {
+        float *grad_x = r->grad_x + p * r->h * r->w;
+        const float *grad_out = r->grad_out + p * outputs;
+        const int32_t *indices = r->indices + p * outputs;
+        memset(grad_x, 0, (size_t)(r->h * r->w) * sizeof(float));
+        for (int64_t j = 0; j < outputs; j++) grad_x[indices[j]] += grad_out[j];
+    }
+}
+
+int statten_max_pool2d(const float *x, int64_t planes, int64_t h, int64_t w, float *out,
+                       int32_t *indices, int64_t oh, int64_t ow, int64_t kh, int64_t kw,
+                       int64_t sh, int64_t sw, int64_t ph, int64_t pw, int threads) {
+    PoolJob job = {x, out, indices, 0, 0, h, w, oh, ow, kh, kw, sh, sw, ph, pw};
+    return parallel_for(pool_range, &job, planes, 1, threads);
+}
+
+int statten_max_unpool2d(const float *grad_out, const int32_t *indices, int64_t planes,
+                         int64_t h, int64_t w, int64_t oh, int64_t ow, float *grad_x,
+                         int threads) {
+    PoolJob job = {0, 0, (int32_t *)indices, grad_out, grad_x, h, w, oh, ow, 0, 0, 0, 0, 0, 0};
+    return parallel_for(unpool_range, &job, planes, 1, threads);
+}
