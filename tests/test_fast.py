@@ -19,6 +19,7 @@ from statten import bench
 from statten.config import parse_config
 from statten.fast import (
     fold_batchnorm,
+    host_memory,
     native,
     optimize_for_inference,
     optimize_for_training,
@@ -120,6 +121,28 @@ def test_memory_efficient_flag_is_a_model_option() -> None:
     assert model.memory_efficient and lifs and all(m.fused for m in lifs)
     model.memory_efficient = False
     assert not any(m.fused for m in lifs)
+
+
+def test_memory_efficient_forward_hands_free_heap_memory_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Once per training forward pass, before backward: not in eval, without grad, or plain."""
+    calls = []
+    monkeypatch.setattr("statten.models.base.release_free_memory", lambda: calls.append(1))
+    model = _model(memory_efficient=True).train()
+    x = _inputs(model)
+    model(x).sum().backward()
+    assert len(calls) == 1
+    with torch.no_grad():
+        model(x)
+    model.memory_efficient = False
+    model(x)
+    assert len(calls) == 1
+
+
+def test_release_free_memory_runs_here() -> None:
+    assert host_memory._malloc_trim() is not None  # this machine's C library is glibc
+    host_memory.release_free_memory()
 
 
 def _saved_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
@@ -293,10 +316,15 @@ def _pool_input(kind: str, shape: tuple[int, ...]) -> torch.Tensor:
     ("kernel_size", "stride", "padding"),
     [(3, 2, 1), (2, 2, 0), (3, 1, 1), ((3, 2), (2, 1), (1, 0))],
 )
+@pytest.mark.parametrize("shape", [(3, 5, 9, 11), (3, 5, 8, 10), (4, 130, 8, 10)])
 def test_max_pool_kernels_equal_torch(
-    kind: str, kernel_size: int | tuple, stride: int | tuple, padding: int | tuple
+    kind: str,
+    kernel_size: int | tuple,
+    stride: int | tuple,
+    padding: int | tuple,
+    shape: tuple[int, ...],
 ) -> None:
-    x = _pool_input(kind, (3, 5, 9, 11))
+    x = _pool_input(kind, shape)
     pool = torch.nn.MaxPool2d(kernel_size, stride, padding)
     expected, indices = torch.nn.functional.max_pool2d_with_indices(x, kernel_size, stride, padding)
     out, argmax = max_pool_with_argmax(x, pool)
@@ -305,7 +333,9 @@ def test_max_pool_kernels_equal_torch(
     assert argmax.dtype == torch.int32 and torch.equal(argmax.long(), indices)
     grad = torch.randn(expected.shape)  # overlapping windows add into one input
     expected_grad = (
-        torch.zeros_like(x).view(3, 5, -1).scatter_add_(2, indices.flatten(2), grad.flatten(2))
+        torch.zeros_like(x)
+        .view(*shape[:2], -1)
+        .scatter_add_(2, indices.flatten(2), grad.flatten(2))
     )
     assert torch.equal(max_unpool(grad, argmax, x.shape, x.stride()), expected_grad.view_as(x))
 

@@ -114,11 +114,75 @@ static void unpool_range(void *arg, int64_t begin, int64_t end) {
     }
 }
 
+/* The usual pooling of spiking transformers, 3x3 windows, stride 2, padding 1, on planes of even
+ * height and width, in long loops: window ox of a row reads columns 2ox - 1 (none for ox = 0),
+ * 2ox and 2ox + 1, so over a batch of planes laid end to end the row maxima are three passes
+ * over flat indices j (= row * ow + ox), reading x[2j - 1], x[2j] and x[2j + 1]. The first
+ * pass also reads x[2j - 1] for ox = 0, the previous row's last column, and those entries are
+ * reset before the second. The maxima down the rows then run row by row, as in pool_range. */
+#define POOL_BATCH 8192 /* row maxima per batch of planes (two stack arrays of this size) */
+
+static void pool_3x3_stride_2_range(void *arg, int64_t begin, int64_t end) {
+    const PoolJob *r = arg;
+    const int64_t per_plane = r->h * r->ow, batch = POOL_BATCH / per_plane;
+    float best[POOL_BATCH];
+    int32_t at[POOL_BATCH];
+    for (int64_t p0 = begin; p0 < end; p0 += batch) {
+        const int64_t planes = end - p0 < batch ? end - p0 : batch, count = planes * per_plane;
+        const float *x = r->x + p0 * r->h * r->w;
+        best[0] = -INFINITY;
+        at[0] = 0;
+        for (int64_t j = 1; j < count; j++) {
+            const float v = x[2 * j - 1];
+            const int take = TAKE(v, -INFINITY);
+            best[j] = take ? v : -INFINITY;
+            at[j] = (int32_t)(2 * j - 1);
+        }
+        for (int64_t j = 0; j < count; j += r->ow) { /* ox = 0: no column to its left */
+            best[j] = -INFINITY;
+            at[j] = (int32_t)(2 * j);
+        }
+        for (int64_t k = 0; k < 2; k++)
+            for (int64_t j = 0; j < count; j++) {
+                const float v = x[2 * j + k];
+                const int take = TAKE(v, best[j]);
+                best[j] = take ? v : best[j];
+                at[j] = take ? (int32_t)(2 * j + k) : at[j];
+            }
+        for (int64_t q = 0; q < planes; q++) {
+            const int64_t plane_start = (p0 + q) * r->h * r->w; /* at[] counts from x */
+            const int64_t rows = q * per_plane;
+            for (int64_t oy = 0; oy < r->oh; oy++) {
+                float *out = r->out + ((p0 + q) * r->oh + oy) * r->ow;
+                int32_t *indices = r->indices + ((p0 + q) * r->oh + oy) * r->ow;
+                const int64_t y0 = oy == 0 ? 0 : 2 * oy - 1, y1 = 2 * oy + 2;
+                for (int64_t ox = 0; ox < r->ow; ox++) {
+                    out[ox] = -INFINITY;
+                    indices[ox] = (int32_t)(y0 * r->w + (ox == 0 ? 0 : 2 * ox - 1));
+                }
+                for (int64_t y = y0; y < y1; y++) {
+                    const float *row_best = best + rows + y * r->ow;
+                    const int32_t *row_at = at + rows + y * r->ow;
+                    for (int64_t ox = 0; ox < r->ow; ox++) {
+                        const float v = row_best[ox];
+                        const int take = TAKE(v, out[ox]);
+                        out[ox] = take ? v : out[ox];
+                        indices[ox] = take ? row_at[ox] - (int32_t)(plane_start - p0 * r->h * r->w)
+                                           : indices[ox];
+                    }
+                }
+            }
+        }
+    }
+}
+
 int statten_max_pool2d(const float *x, int64_t planes, int64_t h, int64_t w, float *out,
                        int32_t *indices, int64_t oh, int64_t ow, int64_t kh, int64_t kw,
                        int64_t sh, int64_t sw, int64_t ph, int64_t pw, int threads) {
     PoolJob job = {x, out, indices, 0, 0, h, w, oh, ow, kh, kw, sh, sw, ph, pw};
-    return parallel_for(pool_range, &job, planes, 1, threads);
+    const int usual = kh == 3 && kw == 3 && sh == 2 && sw == 2 && ph == 1 && pw == 1 &&
+                      h % 2 == 0 && w % 2 == 0 && h * ow <= POOL_BATCH;
+    return parallel_for(usual ? pool_3x3_stride_2_range : pool_range, &job, planes, 1, threads);
 }
 
 int statten_max_unpool2d(const float *grad_out, const int32_t *indices, int64_t planes,
