@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from statten.fast.functions import use_fused_neurons
+from statten.fast.host_memory import release_free_memory
 from statten.fast.spike_conv import SpikeConv2d, spike_driven_convolutions
 from statten.fast.storage import spike_storage
 
@@ -142,4 +143,7 @@ class SpikingModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         compact = self.memory_efficient and torch.is_grad_enabled()
         with spike_storage(compact and not torch.compiler.is_compiling()):
-            return self.forward_head(self.forward_features(self.time_major(x)))
+            output = self.forward_head(self.forward_features(self.time_major(x)))
+        if compact and x.device.type == "cpu" and not torch.compiler.is_compiling():
+            release_free_memory()  # what the forward pass freed, before backward allocates
+        return output
