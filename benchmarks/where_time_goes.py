@@ -29,6 +29,7 @@ KINDS = {  # operator-name fragment -> kind, first match wins
     "batch_norm": "BatchNorm",
     "compiledfxgraph": "fused LIF kernels (compiled)",
     "max_pool": "max pooling",
+    "max_unpool": "max pooling",
     "scatter": "max pooling",
     "bmm": "attention products",
     "adam": "optimizer",
