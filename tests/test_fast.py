@@ -24,6 +24,7 @@ from statten.fast import (
     optimize_for_inference,
     optimize_for_training,
     use_compiled_kernels,
+    use_heap_release,
     use_native_kernels,
 )
 from statten.fast.functions import record_saved_tensors
@@ -140,9 +141,20 @@ def test_memory_efficient_forward_hands_free_heap_memory_back(
     assert len(calls) == 1
 
 
-def test_release_free_memory_runs_here() -> None:
+def test_release_free_memory_runs_here_and_can_be_turned_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     assert host_memory._malloc_trim() is not None  # this machine's C library is glibc
     host_memory.release_free_memory()
+    calls = []
+    monkeypatch.setattr(host_memory, "_malloc_trim", lambda: calls.append)
+    host_memory.release_free_memory()
+    use_heap_release(False)
+    try:
+        host_memory.release_free_memory()
+    finally:
+        use_heap_release(True)
+    assert calls == [0]
 
 
 def _saved_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:

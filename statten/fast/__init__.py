@@ -12,6 +12,9 @@
   convolutions on CPU, tensor cores on GPU; changes rounding).
 - :func:`optimize_for_inference`: BatchNorm folded into convolutions, fused kernels, channels-last
   (outputs match the plain eval model within a documented tolerance).
+- After each memory-efficient training forward pass on CPU, the C heap's free pages go back to
+  the operating system (:func:`use_heap_release`, on by default; glibc only): a lower peak
+  resident size for ~10 ms.
 - Spike-driven convolutions (:mod:`statten.fast.spike_conv`), opt-in for training
   (``model.spike_driven = True``) and part of fast inference: on CPU, the output and the weight
   gradient of a convolution fed spikes are computed from the spikes where measured faster
@@ -23,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from statten.fast.host_memory import use_heap_release
 from statten.fast.inference import fold_batchnorm, optimize_for_inference
 from statten.fast.kernels import (
     compiled_kernels_enabled,
@@ -39,6 +43,7 @@ __all__ = [
     "optimize_for_training",
     "spike_storage",
     "use_compiled_kernels",
+    "use_heap_release",
     "use_native_kernels",
 ]
 

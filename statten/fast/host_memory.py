@@ -6,7 +6,8 @@ hundred MiB there, and the backward pass cannot use it for its large tensors, wh
 afresh: the process's resident size then holds both. :func:`release_free_memory` (glibc's
 ``malloc_trim``) returns the free pages in between, which lowers the peak resident memory of a
 CPU training step by 100-200 MiB (CIFAR-10 2-512, batch 16; ``benchmarks/vs_spikingjelly.py``)
-for about 10 ms per call. A no-op where the C library is not glibc.
+for about 10 ms per call. A no-op where the C library is not glibc, or after
+``use_heap_release(False)``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,16 @@ import ctypes
 import ctypes.util
 import functools
 
-__all__ = ["release_free_memory"]
+__all__ = ["release_free_memory", "use_heap_release"]
+
+_enabled = True
+
+
+def use_heap_release(enabled: bool = True) -> None:
+    """Whether :func:`release_free_memory` (run after each memory-efficient training forward
+    pass on CPU) hands the free pages back (the default) or does nothing."""
+    global _enabled
+    _enabled = enabled
 
 
 @functools.cache
@@ -32,6 +42,6 @@ def _malloc_trim() -> ctypes._CFuncPtr | None:
 
 def release_free_memory() -> None:
     """Return the free pages of every malloc arena to the operating system (glibc only)."""
-    trim = _malloc_trim()
+    trim = _malloc_trim() if _enabled else None
     if trim is not None:
         trim(0)
