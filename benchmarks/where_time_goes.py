@@ -1,9 +1,11 @@
 """Where a training step spends its time and what it stores for backward (docs/performance.md).
 
-Profiles one training step (after two warm-up steps) of the plain eager model and of the fast
-path (``statten.fast.optimize_for_training``) with ``torch.profiler`` and groups the self CPU time
-of the operators by kind; then counts the bytes a forward pass keeps for backward, by the layer
-that saves them. Both on CPU at the given batch size.
+Profiles one training step (after two warm-up steps) of the plain model
+(``memory_efficient=False``), of the model as ``create_model`` builds it (memory-efficient) and of
+the fast path (``statten.fast.optimize_for_training``: also channels-last) with
+``torch.profiler`` and groups the self CPU time of the operators by kind; then counts the bytes a
+forward pass keeps for backward, by the layer that saves them. All on CPU at the given batch
+size.
 
     python benchmarks/where_time_goes.py [-c conf/cifar10/2_512_200E_t4.yml] [--batch 16]
 """
@@ -104,12 +106,16 @@ def main() -> None:
     args = parser.parse_args()
     cfg = parse_config(["-c", args.config], "train")
     torch.manual_seed(0)
-    eager = create_model(cfg.model, **model_config(cfg)).train()
-    fast = optimize_for_training(copy.deepcopy(eager))
-    images = torch.randn(args.batch, eager.in_channels, eager.img_size, eager.img_size)
+    default = create_model(cfg.model, **model_config(cfg)).train()
+    plain = copy.deepcopy(default)
+    plain.memory_efficient = False
+    fast = optimize_for_training(copy.deepcopy(default))
+    images = torch.randn(args.batch, default.in_channels, default.img_size, default.img_size)
+    channels_last = images.contiguous(memory_format=torch.channels_last)
     for name, model, x in (
-        ("eager", eager, images),
-        ("fast", fast, images.contiguous(memory_format=torch.channels_last)),
+        ("plain (memory_efficient=False)", plain, images),
+        ("default (as create_model builds it)", default, images),
+        ("fast (optimize_for_training)", fast, channels_last),
     ):
         print(_table(f"{name}: self CPU time of one training step", time_by_kind(model, x), "s", 1))
         saved = saved_bytes_by_layer(model, x)

@@ -152,6 +152,15 @@ def _channels_last(images: torch.Tensor) -> torch.Tensor:
     return images.contiguous(memory_format=torch.channels_last) if images.dim() == 4 else images
 
 
+def _channels_last_weights(model: nn.Module) -> bool:
+    """Whether the model's first spatial convolution is laid out channels-last (its inputs
+    should be too)."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d) and module.weight[0, 0].numel() > 1:
+            return not module.weight.is_contiguous()
+    return False
+
+
 def _autocast(mode: str, device: torch.device) -> torch.autocast:
     """bf16 autocast for the fast mode on GPU; fp32 otherwise."""
     enabled = mode == "fast" and device.type == "cuda"
@@ -187,7 +196,7 @@ def _train_step(spec: dict[str, Any], cfg: argparse.Namespace, device: torch.dev
     model = training_model(spec, cfg, device)
     images, targets = _inputs(model, spec["batch_size"], device)
     optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg))
-    if spec["mode"] == "fast":
+    if _channels_last_weights(model):
         images = _channels_last(images)
     forward = torch.compile(model) if spec["compile"] and spec["mode"] == "fast" else model
 

@@ -416,10 +416,19 @@ def test_spike_storage_packs_each_spike_tensor_once_as_uint8() -> None:
     assert store.pack(other) is other
 
 
+def test_optimize_for_training_keeps_nchw_on_cpu() -> None:
+    """On CPU the BatchNorm -> LIF kernels need NCHW: the default leaves the layout alone."""
+    fast = optimize_for_training(_model().train(), compile_kernels=False)
+    assert fast.memory_efficient
+    assert fast.patch_embed.proj_conv.weight.is_contiguous()
+    assert not bench._channels_last_weights(fast)
+    assert bench._channels_last_weights(fast.to(memory_format=torch.channels_last))
+
+
 def test_optimize_for_training_matches_the_plain_model_in_channels_last() -> None:
     """Same spikes and outputs; gradients round differently (other channels-last kernels)."""
     plain = _model().train().to(memory_format=torch.channels_last)
-    fast = optimize_for_training(_model().train(), compile_kernels=False)
+    fast = optimize_for_training(_model().train(), channels_last=True, compile_kernels=False)
     assert fast.memory_efficient
     assert fast.patch_embed.proj_conv.weight.is_contiguous(memory_format=torch.channels_last)
     x = _inputs(plain).contiguous(memory_format=torch.channels_last)

@@ -8,8 +8,8 @@
 - Fused LIF kernels, bit-identical to the step-by-step ones: on CPU C loops built on first use
   with the system C compiler (:func:`use_native_kernels`, on by default); elsewhere, after
   :func:`use_compiled_kernels`, ``torch.compile``d functions (Triton on CUDA).
-- :func:`optimize_for_training`: all of the above plus channels-last weights (faster oneDNN
-  convolutions on CPU, tensor cores on GPU; changes rounding).
+- :func:`optimize_for_training`: all of the above plus, on GPU, channels-last weights (tensor
+  cores; changes rounding).
 - :func:`optimize_for_inference`: BatchNorm folded into convolutions, fused kernels, channels-last
   (outputs match the plain eval model within a documented tolerance).
 - After each memory-efficient training forward pass on CPU, the C heap's free pages go back to
@@ -49,17 +49,23 @@ __all__ = [
 
 
 def optimize_for_training(
-    model: nn.Module, channels_last: bool = True, compile_kernels: bool = True
+    model: nn.Module, channels_last: bool | None = None, compile_kernels: bool = True
 ) -> nn.Module:
-    """Switch ``model`` (in place) to memory-efficient training, fused kernels, channels-last.
+    """Switch ``model`` (in place) to memory-efficient training, fused kernels, and on GPU
+    channels-last.
 
     ``compile_kernels`` compiles the LIF kernels with ``torch.compile`` where the C kernels do not
-    run (GPU tensors, or no C compiler). With ``channels_last``, feed channels-last inputs
+    run (GPU tensors, or no C compiler). ``channels_last`` defaults to whether the model is on a
+    GPU: on CPU the memory-efficient layers form BatchNorm's output inside the LIF kernels only
+    for NCHW tensors, and a channels-last training step measured 7 % slower there
+    (docs/performance.md). With ``channels_last``, feed channels-last inputs
     (``images.contiguous(memory_format=torch.channels_last)``).
     """
     model.memory_efficient = True
     if compile_kernels:
         use_compiled_kernels(True)
+    if channels_last is None:
+        channels_last = any(parameter.is_cuda for parameter in model.parameters())
     if channels_last:
         model.to(memory_format=torch.channels_last)
     return model
