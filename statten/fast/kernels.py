@@ -282,12 +282,18 @@ def _batch_norm_layout(x: torch.Tensor) -> torch.memory_format | None:
     return None
 
 
+def _probe_conv_output() -> tuple[torch.Generator, torch.Tensor]:
+    """A small ``[T * B, C, H, W] = [4, 19, 5, 7]`` conv output (odd sizes: partial vectors) for
+    the checks against torch's BatchNorm, and the seeded generator that drew it."""
+    generator = torch.Generator().manual_seed(0)
+    return generator, torch.randn(4, 19, 5, 7, generator=generator).mul_(3).add_(0.5)
+
+
 @functools.cache
 def _batch_norm_formed_exactly(layout: torch.memory_format) -> bool:
     """Whether the C kernels' on-the-fly BatchNorm output equals torch's bit for bit in
     ``layout`` (it depends on how torch was compiled: fused multiply-adds or not)."""
-    generator = torch.Generator().manual_seed(0)
-    conv_out = torch.randn(4, 19, 5, 7, generator=generator).mul_(3).add_(0.5)
+    generator, conv_out = _probe_conv_output()
     conv_out = conv_out.contiguous(memory_format=layout)
     weight, bias = torch.randn(2, 19, generator=generator)
     grad = torch.randn(2, 2, 19, 5, 7, generator=generator)
@@ -365,8 +371,7 @@ def _fused_batch_norm_spikes(
 def _batch_norm_forward_exactly() -> bool:
     """Whether :func:`batch_norm_lif_spikes` gives torch's spikes, statistics and running
     statistics bit for bit (it depends on how torch was compiled)."""
-    generator = torch.Generator().manual_seed(0)
-    conv_out = torch.randn(4, 19, 5, 7, generator=generator).mul_(3).add_(0.5)
+    generator, conv_out = _probe_conv_output()
     expected, fused = (torch.nn.BatchNorm2d(19, momentum=0.3) for _ in range(2))
     for bn in (expected, fused):
         with torch.no_grad():
@@ -406,14 +411,13 @@ def max_pool_with_argmax(
         and not pool.ceil_mode
         and all(0 <= 2 * p <= k for p, k in zip(padding, kernel, strict=True))
         and kernel[0] <= native.MAX_POOL_KERNEL
-        and x.shape[3] <= native.MAX_POOL_WIDTH
         and not torch.compiler.is_compiling()
     ):
         size = tuple(
             (length + 2 * p - k) // s + 1
             for length, p, k, s in zip(x.shape[2:], padding, kernel, stride, strict=True)
         )
-        if min(size) > 0:
+        if min(size) > 0 and size[1] <= native.MAX_POOL_WIDTH:
             return native.max_pool2d(x, kernel, stride, padding, size)
     out, indices = torch.nn.functional.max_pool2d_with_indices(
         x, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode

@@ -11,7 +11,7 @@
  * surrogate gradient is left to torch (between lif_charge and lif_grad), whose vectorised exp
  * this file cannot reproduce bit for bit.
  *
- * lif_charge can take its input as BatchNorm's training output of a convolution's output: the
+ * lif_spikes and lif_charge can take their input as BatchNorm's training output of a convolution's output: the
  * element's channel is (i / inner) % channels and its value scale[c] * x + shift[c], both
  * rounded once (fmaf), as torch's CPU batch norm kernel computes it when built with FMA
  * contraction; statten/fast/kernels.py checks that against torch before using it.
@@ -40,7 +40,7 @@ typedef struct {
     uint8_t *below;      /* 1 where the charged potential stayed below the threshold */
     int64_t steps, n;
     float v_threshold, tau, alpha;
-    const float *scale, *shift; /* per-channel affine map of x (charge), or none */
+    const float *scale, *shift; /* per-channel affine map of x (spikes, charge), or none */
     int64_t channels, inner;
 } Job;
 
@@ -57,6 +57,14 @@ static void affine_terms(const Job *r, int64_t start, int64_t m, float *scale, f
     }
 }
 
+/* Row x of m elements as the LIF sees it: x itself, or its affine map written into `mapped`. */
+static const float *mapped_input(const Job *r, const float *x, int64_t m, const float *scale,
+                                 const float *shift, float *mapped) {
+    if (!r->scale) return x;
+    for (int64_t i = 0; i < m; i++) mapped[i] = fmaf(x[i], scale[i], shift[i]);
+    return mapped;
+}
+
 /* Spikes of the LIF fed x: H = V + (X - V) / tau, spike when H >= v_th, hard reset to 0. */
 static void spikes_range(void *arg, int64_t begin, int64_t end) {
     const Job *r = arg;
@@ -67,11 +75,7 @@ static void spikes_range(void *arg, int64_t begin, int64_t end) {
         for (int64_t i = 0; i < m; i++) v[i] = 0.0f;
         if (r->scale) affine_terms(r, start, m, scale, shift);
         for (int64_t t = 0; t < r->steps; t++) {
-            const float *x = r->x + t * r->n + start;
-            if (r->scale) {
-                for (int64_t i = 0; i < m; i++) mapped[i] = fmaf(x[i], scale[i], shift[i]);
-                x = mapped;
-            }
+            const float *x = mapped_input(r, r->x + t * r->n + start, m, scale, shift, mapped);
             float *s = r->out + t * r->n + start;
             VECTORIZE
             for (int64_t i = 0; i < m; i++) {
@@ -94,11 +98,7 @@ static void charge_range(void *arg, int64_t begin, int64_t end) {
         for (int64_t i = 0; i < m; i++) v[i] = 0.0f;
         if (r->scale) affine_terms(r, start, m, scale, shift);
         for (int64_t t = 0; t < r->steps; t++) {
-            const float *x = r->x + t * r->n + start;
-            if (r->scale) {
-                for (int64_t i = 0; i < m; i++) mapped[i] = fmaf(x[i], scale[i], shift[i]);
-                x = mapped;
-            }
+            const float *x = mapped_input(r, r->x + t * r->n + start, m, scale, shift, mapped);
             float *z = r->out + t * r->n + start;
             uint8_t *below = r->below + t * r->n + start;
             VECTORIZE

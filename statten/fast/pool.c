@@ -150,7 +150,7 @@ static void pool_3x3_stride_2_range(void *arg, int64_t begin, int64_t end) {
                 at[j] = take ? (int32_t)(2 * j + k) : at[j];
             }
         for (int64_t q = 0; q < planes; q++) {
-            const int64_t plane_start = (p0 + q) * r->h * r->w; /* at[] counts from x */
+            const int32_t plane = (int32_t)(q * r->h * r->w); /* at[] counts from x */
             const int64_t rows = q * per_plane;
             for (int64_t oy = 0; oy < r->oh; oy++) {
                 float *out = r->out + ((p0 + q) * r->oh + oy) * r->ow;
@@ -167,8 +167,7 @@ static void pool_3x3_stride_2_range(void *arg, int64_t begin, int64_t end) {
                         const float v = row_best[ox];
                         const int take = TAKE(v, out[ox]);
                         out[ox] = take ? v : out[ox];
-                        indices[ox] = take ? row_at[ox] - (int32_t)(plane_start - p0 * r->h * r->w)
-                                           : indices[ox];
+                        indices[ox] = take ? row_at[ox] - plane : indices[ox];
                     }
                 }
             }

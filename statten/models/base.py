@@ -142,8 +142,9 @@ class SpikingModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         compact = self.memory_efficient and torch.is_grad_enabled()
-        with spike_storage(compact and not torch.compiler.is_compiling()):
+        compact = compact and not torch.compiler.is_compiling()
+        with spike_storage(compact):
             output = self.forward_head(self.forward_features(self.time_major(x)))
-        if compact and x.device.type == "cpu" and not torch.compiler.is_compiling():
+        if compact and x.device.type == "cpu":
             release_free_memory()  # what the forward pass freed, before backward allocates
         return output
