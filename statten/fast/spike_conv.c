@@ -320,3 +320,47 @@ int statten_spike_conv2d_weight_grad(const float *x, const int64_t *x_strides, i
     free(c.offsets);
     return 0;
 }
+
+/* Spikes as bytes, for the integer convolutions of statten/fast/integer_conv.py: chunks of
+ * BYTES_GRAIN elements, each counting its ones or marking (-1) a value other than 0 and 1. */
+#define BYTES_GRAIN 65536
+
+typedef struct {
+    const float *x;
+    uint8_t *out;
+    int64_t *ones; /* per chunk */
+} Bytes;
+
+static void bytes_range(void *arg, int64_t begin, int64_t end) {
+    const Bytes *b = arg;
+    const float *restrict x = b->x;
+    uint8_t *restrict out = b->out;
+    for (int64_t start = begin; start < end; start += BYTES_GRAIN) {
+        const int64_t stop = start + BYTES_GRAIN < end ? start + BYTES_GRAIN : end;
+        uint32_t ones = 0, spikes = 0; /* branch-free 32-bit counts: the loop vectorizes */
+        for (int64_t i = start; i < stop; i++) {
+            const float v = x[i];
+            const uint32_t one = v == 1.0f;
+            ones += one;
+            spikes += one | (v == 0.0f);
+            out[i] = (uint8_t)one;
+        }
+        b->ones[start / BYTES_GRAIN] = spikes == (uint32_t)(stop - start) ? (int64_t)ones : -1;
+    }
+}
+
+/*
+ * out[i] = x[i] for the n elements of x when each is 0 or 1 (out of any layout: the caller
+ * passes the memory of a tensor and of its byte copy of the same strides). Returns the number of
+ * ones, -1 when x holds another value (out then holds garbage), -2 when out of memory.
+ */
+int64_t statten_spike_bytes(const float *x, uint8_t *out, int64_t n, int threads) {
+    const int64_t chunks = (n + BYTES_GRAIN - 1) / BYTES_GRAIN;
+    Bytes b = {x, out, malloc((chunks > 0 ? chunks : 1) * sizeof(int64_t))};
+    if (!b.ones) return -2;
+    parallel_for(bytes_range, &b, n, BYTES_GRAIN, threads);
+    int64_t total = 0;
+    for (int64_t k = 0; k < chunks && total >= 0; k++) total = b.ones[k] < 0 ? -1 : total + b.ones[k];
+    free(b.ones);
+    return total;
+}

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from statten.fast import native
+from statten.fast import integer_conv, native
+from statten.fast.integer_conv import IntegerWeights
 
 __all__ = ["SpikeConv2d", "conv2d_backward", "conv2d_forward", "spike_driven_convolutions"]
 
@@ -45,13 +46,18 @@ class SpikeConv2d(nn.Conv2d):
     ``max_density`` and ``max_density_weight_grad`` are the densities of ones up to which the
     output and the weight gradient are spike-driven: None until measured on the first spike
     input (see the module's docstring); set them to force a path (0: dense, 1: spike-driven).
+    In eval mode the dense output of spikes is the faster of oneDNN's float32 convolution and
+    its exact-integer int8 one (:mod:`statten.fast.integer_conv`): ``integer_products``, None
+    until measured on the first spike input, True or False to force one.
     """
 
     def __init__(self, *args: Any, max_density: float | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.max_density = max_density
         self.max_density_weight_grad: float | None = None
+        self.integer_products: bool | None = None
         self._weight_by_tap: tuple[tuple[int, int], torch.Tensor] | None = None
+        self._integer_weights: tuple[tuple[int, int], IntegerWeights | None] | None = None
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> SpikeConv2d:
@@ -93,17 +99,44 @@ class SpikeConv2d(nn.Conv2d):
         is spikes at a density below the crossover."""
         x, weight = x.detach(), weight.detach()
         bias = None if bias is None else bias.detach()
-        out = None
-        if self.handles(x):
-            taps = self._weight_per_tap(weight)
+        if not self.handles(x):
+            return self._conv_forward(x, weight, bias)
+        dense = self._dense_product(x, weight, bias)
+        taps = self._weight_per_tap(weight)
 
-            def spike_driven(limit: float) -> torch.Tensor | None:
-                return native.spike_conv2d(x, taps, bias, self.padding[0], limit)
+        def spike_driven(limit: float) -> torch.Tensor | None:
+            return native.spike_conv2d(x, taps, bias, self.padding[0], limit)
 
-            out, self.max_density = _crossing(
-                spike_driven, lambda: self._conv_forward(x, weight, bias), x, self.max_density
-            )
-        return self._conv_forward(x, weight, bias) if out is None else out
+        out, self.max_density = _crossing(spike_driven, dense, x, self.max_density)
+        return dense() if out is None else out
+
+    def _dense_product(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> Callable[[], torch.Tensor]:
+        """The dense product for ``x``: oneDNN's float32 convolution, or in eval mode, for spikes,
+        its int8 one where that measured faster on the first spike input."""
+
+        def float32() -> torch.Tensor:
+            return self._conv_forward(x, weight, bias)
+
+        if self.training or self.integer_products is False or not integer_conv.available():
+            return float32
+        packed = self._packed_integer_weights(weight)
+        if packed is None:
+            return float32
+
+        def integer() -> torch.Tensor:
+            spikes = native.spike_bytes(x)
+            return float32() if spikes is None else integer_conv.conv2d(spikes[0], packed, bias)
+
+        if self.integer_products is None:
+            if native.spike_bytes(x) is None:  # measure on a spike input
+                return float32
+            integer()  # oneDNN builds its kernels on the first call
+            integer_s, _ = _fastest_of(TIMING_CALLS, integer)
+            float32_s, _ = _fastest_of(TIMING_CALLS, float32)
+            self.integer_products = integer_s < float32_s
+        return integer if self.integer_products else float32
 
     def grads(
         self,
@@ -140,6 +173,13 @@ class SpikeConv2d(nn.Conv2d):
         dense_mask = (needs_x, needs_weight and grad_weight is None, needs_bias)
         grad_x, dense_weight, grad_bias = _dense_grads(self, grad_out, x, weight, dense_mask)
         return grad_x, dense_weight if grad_weight is None else grad_weight, grad_bias
+
+    def _packed_integer_weights(self, weight: torch.Tensor) -> IntegerWeights | None:
+        """``weight`` as int8 digit planes (None if not finite), kept until it changes."""
+        key = (weight.data_ptr(), weight._version)
+        if self._integer_weights is None or self._integer_weights[0] != key:
+            self._integer_weights = (key, integer_conv.pack(weight, self.padding[0]))
+        return self._integer_weights[1]
 
     def _weight_per_tap(self, weight: torch.Tensor) -> torch.Tensor:
         """``weight`` as ``[kh, kw, C_in, C_out]``, the kernels' layout, kept until it changes."""

@@ -1,0 +1,159 @@
+"""Convolutions of spikes on oneDNN's int8 kernels (AMX or VNNI on x86): exact integer sums.
+
+A convolution fed 0/1 spikes only adds weights, so the sums can be taken in integers. Each output
+channel's float32 weights are written as ``2^e * (d2 * 256^2 + d1 * 256 + d0)``: one power of two
+per channel and three int8 digit planes with ``|q| <= 127 * 65793``: 23 bits of fixed point under
+the channel's largest weight, whose rounding (at most an ulp of that weight, per weight) is the
+only approximation. Each digit plane is an int8 convolution of the spikes as uint8, summed exactly
+in int32 by oneDNN and scaled by ``2^e * 256^k`` (exact) into the float32 output; the three planes
+are added with two roundings. On the layers of CIFAR-10 2-512 the result lies 2-4e-7 (of the
+largest output) from the exact sum of the float32 weights, closer than oneDNN's float32
+convolution (7e-7 to 2e-6: its rounding errors grow with the terms), but not bit-equal to it.
+Like the spike-driven sums it serves inference, where
+:class:`~statten.fast.spike_conv.SpikeConv2d` times it against the float32 convolution and keeps
+the faster (``benchmarks/spike_conv.py --product integer``).
+
+Three int8 products cost less than one float32 product on CPUs with int8 matrix units: on the
+2-core Sapphire Rapids Xeon of docs/performance.md, 16 versus 57 ms for the rpe convolution of
+CIFAR-10 2-512 at T x B = 64.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["IntegerWeights", "Product", "available", "conv2d", "digits", "pack"]
+
+RADIX = 255  # balanced digits in [-127, 127]; 255 * spike still fits a byte
+# The largest |q| the three digits reach: 127 * (1 + 255 + 255^2).
+LARGEST = 127 * (1 + RADIX + RADIX**2)
+SMALLEST_EXPONENT = -126  # keeps every scale a normal float32
+
+
+@dataclass(frozen=True)
+class Product:
+    """One int8 product of :func:`conv2d`: oneDNN-packed digits, their per-output-channel scale,
+    and whether they take the spikes doubled, ``[x | 255 x]`` over twice the channels."""
+
+    digits: torch.Tensor
+    scale: torch.Tensor
+    doubled: bool
+
+
+@dataclass(frozen=True)
+class IntegerWeights:
+    """A convolution's weights as int8 products (the top digit's first) summed into one output.
+
+    A 1x1 convolution runs oneDNN's int8 matrix product once per digit (it sums into its output
+    in place). A larger one, whose sum into the output copies it, runs two convolutions: the top
+    digit, then the lower two side by side (``[d0 | d1]`` fed ``[x | 255 x]``: the int32 sums of
+    ``x (d0 + 255 d1)`` stay exact)."""
+
+    products: tuple[Product, ...]
+    zero_points: torch.Tensor
+    padding: int
+    pointwise: bool
+
+
+def digits(weight: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """int8 digits ``d0, d1, d2`` (each shaped as ``weight``) and per-output-channel powers of two
+    ``s`` with ``weight ~= s * (d0 + 255 d1 + 255^2 d2)``, off by at most ``s / 2`` per weight."""
+    w = weight.detach().double().flatten(1)
+    exponent = torch.ceil(torch.log2(w.abs().amax(1) / LARGEST)).clamp(min=SMALLEST_EXPONENT)
+    scale = torch.exp2(exponent)
+    q = torch.round(w / scale[:, None]).long()
+    planes = []
+    for _ in range(3):
+        digit = torch.remainder(q + RADIX // 2, RADIX) - RADIX // 2
+        planes.append(digit.to(torch.int8).view_as(weight))
+        q = (q - digit) // RADIX
+    return planes, scale.float()
+
+
+def pack(weight: torch.Tensor, padding: int) -> IntegerWeights | None:
+    """``weight [C_out, C_in, kh, kw]`` (float32, stride 1, zero ``padding``) packed for
+    :func:`conv2d`; None when it holds a value that is not finite."""
+    if not torch.isfinite(weight).all():
+        return None
+    (d0, d1, d2), scale = digits(weight)
+    pointwise = weight.shape[2:] == (1, 1) and padding == 0
+    if pointwise:
+        planes = [(d2, RADIX**2, False), (d1, RADIX, False), (d0, 1, False)]
+    else:
+        planes = [(d2, RADIX**2, False), (torch.cat([d0, d1], dim=1), 1, True)]
+    products = []
+    for plane, factor, doubled in planes:
+        if pointwise:
+            packed = torch.ops.onednn.qlinear_prepack(plane.flatten(1), None)
+        else:
+            plane = plane.contiguous(memory_format=torch.channels_last)
+            geometry = ([1, 1], [padding] * 2, [1, 1], 1, None)
+            packed = torch.ops.onednn.qconv_prepack(plane, scale, 1.0, 0, *geometry)
+        products.append(Product(packed, scale * float(factor), doubled))
+    zero_points = torch.zeros(weight.shape[0], dtype=torch.int64)
+    return IntegerWeights(tuple(products), zero_points, padding, pointwise)
+
+
+# oneDNN's arguments after the bias: output scale and zero point, output dtype; then, for the
+# sum into the output, its scale and zero point, the binary post-op and its alpha; no unary one.
+_FLOAT_OUTPUT = (1.0, 0, torch.float32)
+_SUM_INTO_OUTPUT = (1.0, 0, "sum", 1.0, "none", [], "")
+
+
+def conv2d(
+    spikes: torch.Tensor, weights: IntegerWeights, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``conv2d(spikes, weight, bias)`` for ``spikes [N, C, H, W]`` of 0/1 bytes (uint8), as a
+    channels-last float32 tensor."""
+    if not weights.pointwise:
+        geometry = ([1, 1], [weights.padding] * 2, [1, 1], 1)
+        return _summed(torch.ops.onednn.qconv2d_pointwise, geometry, spikes, weights, bias)
+    n, channels, h, w = spikes.shape
+    rows = spikes.permute(0, 2, 3, 1).reshape(-1, channels)
+    out = _summed(torch.ops.onednn.qlinear_pointwise, (), rows, weights, bias)
+    return out.view(n, h, w, -1).permute(0, 3, 1, 2)
+
+
+def _summed(
+    op: torch._ops.OpOverloadPacket,
+    geometry: tuple,
+    spikes: torch.Tensor,
+    weights: IntegerWeights,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """The products of ``weights`` by ``op`` (oneDNN's int8 convolution or matrix product, its
+    channels on axis 1), each after the first summed into the first's output."""
+    out = None
+    for product in weights.products:
+        x = torch.cat([spikes, spikes * RADIX], dim=1) if product.doubled else spikes
+        operands = (x, 1.0, 0, product.digits, product.scale, weights.zero_points)
+        if out is None:
+            out = op(*operands, bias, *geometry, *_FLOAT_OUTPUT, "none", [], "")
+        else:
+            out = op.binary(*operands, out, None, *geometry, *_FLOAT_OUTPUT, *_SUM_INTO_OUTPUT)
+    return out
+
+
+@functools.cache
+def available() -> bool:
+    """Whether this torch build runs oneDNN's int8 convolutions here, checked once on a small
+    layer against the float32 result."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qconv_prepack")):
+        return False
+    generator = torch.Generator().manual_seed(0)
+    spikes = (torch.rand(2, 8, 5, 5, generator=generator) < 0.5).to(torch.uint8)
+    weight = torch.randn(16, 8, 3, 3, generator=generator)
+    probes = ((weight, 1), (weight[:, :, :1, :1].contiguous(), 0))
+    try:
+        results = [conv2d(spikes, pack(w, padding), None) for w, padding in probes]
+    except RuntimeError:
+        return False
+    expected = [F.conv2d(spikes.double(), w.double(), padding=padding) for w, padding in probes]
+    return all(
+        (out - e).abs().max() <= 1e-5 * e.abs().max()
+        for out, e in zip(results, expected, strict=True)
+    )

@@ -1,0 +1,152 @@
+"""statten.fast.integer_conv: convolutions of spikes as exact int8 sums come as close to the exact
+result as float32 ones, and SpikeConv2d uses them in eval mode where they measured faster."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import needs_c_compiler
+
+from statten.fast import integer_conv, native
+from statten.fast.spike_conv import SpikeConv2d
+
+needs_int8_kernels = pytest.mark.skipif(
+    not integer_conv.available(), reason="this torch build runs no oneDNN int8 convolution here"
+)
+LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def _spikes(shape: tuple[int, ...], density: float, layout: str = "contiguous") -> torch.Tensor:
+    x = (torch.rand(shape) < density).float()
+    return x.contiguous(memory_format=LAYOUTS[layout])
+
+
+def test_int8_kernels_are_used_where_the_cpu_has_int8_dot_products() -> None:
+    """oneDNN runs int8 convolutions on every x86 CPU, exactly where the CPU has VNNI or AMX, so
+    a failed check there means a broken path (which would otherwise only skip the tests)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        pytest.skip("no /proc/cpuinfo")
+    if torch.backends.mkldnn.is_available() and flags & {"avx512_vnni", "amx_int8"}:
+        assert integer_conv.available()
+
+
+def test_digits_rebuild_each_weight_to_within_half_a_step_of_its_channel() -> None:
+    torch.manual_seed(0)
+    weight = (
+        torch.randn(6, 5, 3, 3)
+        * torch.tensor([1e-3, 1.0, 3e4, 1e-30, 0.0, 2.0])[:, None, None, None]
+    )
+    weight[5, 0, 0, 0] = 1e-9  # far below its channel's step: rounds to 0
+    planes, scale = integer_conv.digits(weight)
+    assert all(p.dtype == torch.int8 and p.abs().max() <= 127 for p in planes)
+    assert torch.equal(torch.exp2(torch.log2(scale).round()), scale)  # powers of two
+    q = sum(p.double() * integer_conv.RADIX**k for k, p in enumerate(planes))
+    error = (q * scale.double()[:, None, None, None] - weight.double()).abs()
+    assert (error <= scale.double()[:, None, None, None] / 2).all()
+    largest = weight.double().flatten(1).abs().amax(1)
+    assert (scale.double()[:3] <= largest[:3] * 2.0**-22).all()  # 22+ bits under the largest
+
+
+@needs_c_compiler
+def test_spike_bytes_count_the_ones_and_decline_other_values() -> None:
+    torch.manual_seed(0)
+    for layout in LAYOUTS:
+        x = _spikes((3, 7, 111, 97), 0.2, layout)  # not a whole number of the kernel's chunks
+        x[0, 0, 0, 0] = -0.0
+        spikes, ones = native.spike_bytes(x)
+        assert ones == int(x.sum()) and spikes.dtype == torch.uint8
+        assert torch.equal(spikes, x.to(torch.uint8))
+        assert spikes.is_contiguous(memory_format=LAYOUTS[layout])
+    for other in (0.5, -1.0, float("nan"), float("inf")):
+        x[2, 6, 110, 96] = other  # in the last chunk
+        assert native.spike_bytes(x) is None
+
+
+@needs_int8_kernels
+@needs_c_compiler
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize(("kernel", "padding", "bias"), [(1, 0, True), (3, 1, False), (3, 0, True)])
+def test_integer_conv_is_as_close_to_the_exact_sum_as_float32(
+    kernel: int, padding: int, bias: bool, layout: str
+) -> None:
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(40, 48, kernel, padding=padding, bias=bias)
+    with torch.no_grad():
+        conv.weight[3] *= 1e4  # channels of very different scales
+        conv.weight[7] = 0.0
+    x = _spikes((4, 40, 9, 7), 0.3, layout)
+    packed = integer_conv.pack(conv.weight, padding)
+    out = integer_conv.conv2d(native.spike_bytes(x)[0], packed, conv.bias)
+    b = None if conv.bias is None else conv.bias.double()
+    exact = F.conv2d(x.double(), conv.weight.double(), b, padding=padding)
+    per_channel = exact.abs().amax((0, 2, 3), keepdim=True)
+    float32_error = ((conv(x) - exact).abs() / per_channel.clamp_min(1e-30)).max()
+    integer_error = ((out - exact).abs() / per_channel.clamp_min(1e-30)).max()
+    assert integer_error <= max(2 * float32_error, 4e-7)
+    assert out.is_contiguous(memory_format=torch.channels_last) and out.shape == exact.shape
+
+
+@needs_int8_kernels
+@needs_c_compiler
+def test_pack_declines_weights_that_are_not_finite() -> None:
+    weight = torch.ones(16, 4, 3, 3)
+    weight[2, 1, 0, 0] = float("inf")
+    assert integer_conv.pack(weight, 1) is None
+    spike_conv = SpikeConv2d(4, 16, 3, padding=1).eval()
+    with torch.no_grad():
+        spike_conv.weight.copy_(weight)
+    spike_conv.max_density, spike_conv.integer_products = 0.0, True
+    x = _spikes((2, 4, 5, 5), 0.5)
+    with torch.inference_mode():
+        out, float32 = spike_conv(x), spike_conv._conv_forward(x, weight, spike_conv.bias)
+    torch.testing.assert_close(out, float32, rtol=0, atol=0, equal_nan=True)  # 0 * inf: NaN
+
+
+@needs_int8_kernels
+@needs_c_compiler
+def test_eval_spike_conv_takes_the_faster_of_its_float32_and_integer_products(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    torch.manual_seed(0)
+    calls = []
+    real = integer_conv.conv2d
+    monkeypatch.setattr(integer_conv, "conv2d", lambda *args: calls.append(1) or real(*args))
+    spike_conv = SpikeConv2d(32, 64, 3, padding=1)
+    x = _spikes((4, 32, 8, 8), 0.3)
+    with torch.inference_mode():
+        spike_conv(x)  # training mode: float32 (the weights change every step)
+        assert spike_conv.integer_products is None and not calls
+        spike_conv.eval().max_density = 0.0  # not spike-driven
+        spike_conv(x * 0.5)  # not spikes: nothing to measure yet
+        assert spike_conv.integer_products is None and not calls
+        spike_conv(x)
+        assert spike_conv.integer_products in (True, False) and len(calls) == 3  # warm-up, timed
+        spike_conv.integer_products = True
+        out = spike_conv(x)
+        dense = spike_conv(x * 0.5)
+        spike_conv.integer_products = False
+        float32 = spike_conv(x)
+    assert len(calls) == 4
+    exact = F.conv2d(x.double(), spike_conv.weight.double(), spike_conv.bias.double(), padding=1)
+    torch.testing.assert_close(out.double(), exact, rtol=0, atol=1e-6)
+    assert torch.equal(dense, spike_conv._conv_forward(x * 0.5, spike_conv.weight, spike_conv.bias))
+    assert torch.equal(float32, spike_conv._conv_forward(x, spike_conv.weight, spike_conv.bias))
+
+
+@needs_int8_kernels
+@needs_c_compiler
+def test_integer_weights_follow_the_weights() -> None:
+    spike_conv = SpikeConv2d(16, 16, 1).eval()
+    spike_conv.max_density, spike_conv.integer_products = 0.0, True
+    x = _spikes((2, 16, 4, 4), 0.5)
+    with torch.no_grad():
+        before = spike_conv(x)
+        spike_conv.weight.mul_(2)
+        after = spike_conv(x)
+    bias = spike_conv.bias[None, :, None, None]
+    torch.testing.assert_close(after - bias, 2 * (before - bias), rtol=1e-6, atol=1e-6)
