@@ -116,6 +116,44 @@ def test_lif_takes_the_conv_and_batchnorm_in_front_of_it() -> None:
         assert torch.equal(lif(x, conv_bn=(conv, bn)), expected)
 
 
+@needs_c_compiler
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_lif_spikes_may_overwrite_their_input(channels_last: bool) -> None:
+    x = torch.randn(4, 3, 8, 5, 5) * 2
+    x = _channels_last(x) if channels_last else x
+    expected = lif_spikes(x, 1.0, 2.0)
+    spikes = lif_spikes(x, 1.0, 2.0, overwrite_input=True)
+    assert torch.equal(spikes, expected) and spikes.data_ptr() == x.data_ptr()
+    assert spikes.stride() == x.stride() and torch.equal(x, expected)
+
+
+class _RecordingConv(torch.nn.Conv2d):
+    """A convolution that remembers where its last output lies (without a hook)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        self.output_at = out.data_ptr()
+        return out
+
+
+@needs_c_compiler
+def test_inference_lif_writes_its_spikes_over_the_conv_output_nobody_else_holds() -> None:
+    torch.manual_seed(0)
+    conv = _RecordingConv(3, 8, 3, padding=1)
+    x = torch.randn(4, 2, 3, 6, 6)
+    expected = LIF()(conv(x.flatten(0, 1)).unflatten(0, (4, 2)))
+    lif = LIF()
+    lif.fused = True
+    with torch.no_grad():
+        spikes = lif(x, conv_bn=(conv, torch.nn.Identity()))
+        assert torch.equal(spikes, expected) and spikes.data_ptr() == conv.output_at
+        kept = []
+        conv.register_forward_hook(lambda module, args, out: kept.append(out))
+        hooked = lif(x, conv_bn=(conv, torch.nn.Identity()))
+    assert torch.equal(hooked, expected) and hooked.data_ptr() != conv.output_at
+    assert torch.equal(kept[0], conv(x.flatten(0, 1)))  # what the hook kept is left alone
+
+
 def test_memory_efficient_flag_is_a_model_option() -> None:
     model = _model(memory_efficient=True)
     lifs = [m for m in model.modules() if isinstance(m, LIF)]

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks
 
 from statten.fast.kernels import (
     batch_norm_lif_input_grad,
@@ -63,11 +64,16 @@ class _LIF(torch.autograd.Function):
         return lif_input_grad(grad_spikes, x, *ctx.constants), None, None, None
 
 
-def fused_lif(x: torch.Tensor, v_threshold: float, tau: float, alpha: float) -> torch.Tensor:
-    """Spikes of a LIF layer fed ``x [T, ...]`` (surrogate ``alpha``), storing only ``x``."""
+def fused_lif(
+    x: torch.Tensor, v_threshold: float, tau: float, alpha: float, overwrite_input: bool = False
+) -> torch.Tensor:
+    """Spikes of a LIF layer fed ``x [T, ...]`` (surrogate ``alpha``), storing only ``x``.
+
+    Outside autograd, ``overwrite_input`` lets the kernels write the spikes into ``x`` (for a
+    caller that owns ``x``)."""
     if torch.is_grad_enabled() and x.requires_grad:
         return mark_spikes(_LIF.apply(x, v_threshold, tau, alpha))
-    return lif_spikes(x, v_threshold, tau)
+    return lif_spikes(x, v_threshold, tau, overwrite_input)
 
 
 class _ConvBatchNormLIF(torch.autograd.Function):
@@ -199,7 +205,9 @@ def fused_conv_bn_lif(
     """
     if not _fusable(conv, bn, x):
         y = bn(conv(x.flatten(0, 1)))
-        spikes = fused_lif(y.unflatten(0, x.shape[:2]), *neuron)
+        # y is this layer's own temporary unless a hook kept it: the spikes may overwrite it
+        owned = not any(m._forward_hooks for m in (conv, bn)) and not _global_forward_hooks
+        spikes = fused_lif(y.unflatten(0, x.shape[:2]), *neuron, overwrite_input=owned)
         if pool is None:
             return spikes
         return mark_spikes(max_pool(pool, spikes.flatten(0, 1)).unflatten(0, x.shape[:2]))

@@ -165,14 +165,21 @@ def _unrows(rows: torch.Tensor, like: torch.Tensor, order: list[int]) -> torch.T
     return permuted.permute([order.index(axis) for axis in range(like.dim())])
 
 
-def lif_spikes(x: torch.Tensor, v_threshold: float, tau: float) -> torch.Tensor:
-    """Spikes ``[T, ...]`` of a LIF layer fed ``x [T, ...]``, starting from ``V = 0``."""
+def lif_spikes(
+    x: torch.Tensor, v_threshold: float, tau: float, overwrite_input: bool = False
+) -> torch.Tensor:
+    """Spikes ``[T, ...]`` of a LIF layer fed ``x [T, ...]``, starting from ``V = 0``.
+
+    With ``overwrite_input`` the C kernels may write the spikes into ``x``'s memory (for a caller
+    that owns ``x`` and no longer needs it: no fresh tensor to allocate and fault in).
+    """
     if torch.compiler.is_compiling():  # inside a compiled model: traced into its graph
         return _spikes(x, v_threshold, tau)
     order = _memory_order(x)
     rows = _rows(x, order)
     if _native(rows):
-        return _unrows(native.lif_spikes(rows, v_threshold, tau), x, order)
+        out = rows if overwrite_input else None
+        return _unrows(native.lif_spikes(rows, v_threshold, tau, out=out), x, order)
     return _unrows(_kernel(_spikes, _spikes_eager, x)(rows, v_threshold, tau), x, order)
 
 

@@ -170,10 +170,12 @@ def lif_spikes(
     v_threshold: float,
     tau: float,
     affine: tuple[torch.Tensor, int] | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Spikes of a LIF fed ``rows [T, n]`` (see ``lif.c``), or their per-channel ``affine`` map
-    (as in :func:`lif_charge`)."""
-    spikes = torch.empty_like(rows)
+    (as in :func:`lif_charge`), written into ``out`` if given (which may be ``rows``: each
+    element's step is read before its spike is written)."""
+    spikes = torch.empty_like(rows) if out is None else out
     steps, n = rows.shape
     with record_function("statten::lif_spikes"):
         library().statten_lif_spikes(
