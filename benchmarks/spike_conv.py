@@ -4,11 +4,14 @@ Times the C kernels of ``statten.fast.native`` against oneDNN on the convolution
 2-512 recipe at batch 16 x T 4, for densities around those the layers see: the output
 (``spike_conv2d``, adding the weights of the inputs that spiked, versus ``nn.Conv2d``) and, with
 ``--product weight_grad``, the weight gradient (``spike_conv2d_weight_grad`` versus
-``convolution_backward``). Tensors are laid out as in training (contiguous) or, with
+``convolution_backward``) or, with ``--product integer``, the output as exact int8 sums on
+oneDNN (``statten.fast.integer_conv``, the spikes' conversion to bytes included), which eval-mode
+layers weigh against the float32 product. Tensors are laid out as in training (contiguous) or, with
 ``--channels-last``, as in fast inference. Each ``SpikeConv2d`` measures its own crossover on its
 first spike input (statten/fast/spike_conv.py); this table shows where they fall.
 
-    python benchmarks/spike_conv.py [--product output|weight_grad] [--channels-last] [--repeats 5]
+    python benchmarks/spike_conv.py [--product output|weight_grad|integer] [--channels-last]
+        [--repeats 5]
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import argparse
 import torch
 from timing import best_ms
 
-from statten.fast import native
+from statten.fast import integer_conv, native
 
 # name, input channels, output channels, spatial size, kernel: CIFAR-10 2-512 at T x B = 64
 LAYERS = [
@@ -37,8 +40,19 @@ DENSITIES = (0.03, 0.05, 0.1, 0.2, 0.3)
 def compare(
     conv: torch.nn.Conv2d, x: torch.Tensor, product: str, repeats: int
 ) -> tuple[float, float]:
-    """Milliseconds of the dense and of the spike-driven ``product`` of ``conv`` fed ``x``."""
+    """Milliseconds of the dense and of the spike-driven (or integer) ``product`` of ``conv``
+    fed ``x``."""
     padding = conv.padding[0]
+    if product == "integer":
+        packed = integer_conv.pack(conv.weight, padding)
+        dense = best_ms(lambda: conv(x), repeats)
+
+        def integer() -> torch.Tensor:
+            values, largest = native.small_integer_bytes(x)
+            return integer_conv.conv2d(values, packed, conv.bias, largest)
+
+        integer_ms = best_ms(integer, repeats)
+        return dense, integer_ms
     if product == "output":
         taps = conv.weight.permute(2, 3, 1, 0).contiguous()
         dense = best_ms(lambda: conv(x), repeats)
@@ -60,14 +74,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=64, help="T x B images per call")
-    parser.add_argument("--product", choices=("output", "weight_grad"), default="output")
+    parser.add_argument("--product", choices=("output", "weight_grad", "integer"), default="output")
     parser.add_argument("--channels-last", action="store_true")
     args = parser.parse_args()
     layout = torch.channels_last if args.channels_last else torch.contiguous_format
     torch.manual_seed(0)
     print(
         f"{torch.get_num_threads()} threads, {args.product}, {layout}; "
-        "ms per call, dense / spike-driven"
+        f"ms per call, dense / {'integer' if args.product == 'integer' else 'spike-driven'}"
     )
     print(f"{'layer':14s} " + " ".join(f"{f'density {d}':>22s}" for d in DENSITIES))
     for name, cin, cout, size, kernel in LAYERS:

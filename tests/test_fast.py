@@ -524,9 +524,9 @@ def _neuron_outputs(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tens
 def test_optimize_for_inference_matches_the_eval_model(golden: dict) -> None:
     """Equal but where a potential lies within rounding error of a threshold (docs/performance.md).
 
-    Over 40 batches like this one, 4e-5 to 6e-5 of the spikes flipped (at most 1.5e-3 in one
-    batch; from BatchNorm folding: the same with dense convolutions), moving 0.5 % of the logits
-    by more than 1e-4. A wrong convolution would flip a large share.
+    Over 10 batches like this one, at most 7e-6 of the spikes flipped, moving 10 of 1,600 logits
+    by more than 1e-4 (``benchmarks/fast_inference_deviation.py``). A wrong convolution would
+    flip a large share.
     """
     model = statten.create_model("sdt", **golden_model_config(golden["config"]))
     statten.load_checkpoint(model, golden["state_dict"], strict=True)

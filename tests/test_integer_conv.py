@@ -1,5 +1,6 @@
-"""statten.fast.integer_conv: convolutions of spikes as exact int8 sums come as close to the exact
-result as float32 ones, and SpikeConv2d uses them in eval mode where they measured faster."""
+"""statten.fast.integer_conv: convolutions of spikes and spike counts as exact int8 sums come as
+close to the exact result as float32 ones, and SpikeConv2d uses them in eval mode where they
+measured faster."""
 
 from __future__ import annotations
 
@@ -53,42 +54,56 @@ def test_digits_rebuild_each_weight_to_within_half_a_step_of_its_channel() -> No
 
 
 @needs_c_compiler
-def test_spike_bytes_count_the_ones_and_decline_other_values() -> None:
+def test_small_integer_bytes_keep_spikes_and_counts_and_decline_other_values() -> None:
     torch.manual_seed(0)
     for layout in LAYOUTS:
         x = _spikes((3, 7, 111, 97), 0.2, layout)  # not a whole number of the kernel's chunks
         x[0, 0, 0, 0] = -0.0
-        spikes, ones = native.spike_bytes(x)
-        assert ones == int(x.sum()) and spikes.dtype == torch.uint8
-        assert torch.equal(spikes, x.to(torch.uint8))
-        assert spikes.is_contiguous(memory_format=LAYOUTS[layout])
-    for other in (0.5, -1.0, float("nan"), float("inf")):
+        values, largest = native.small_integer_bytes(x)
+        assert largest == 1 and values.dtype == torch.uint8
+        assert torch.equal(values, x.to(torch.uint8))
+        assert values.is_contiguous(memory_format=LAYOUTS[layout])
+    x[1, 2, 3, 4] = 255.0
+    assert native.small_integer_bytes(x)[1] == 255
+    assert native.small_integer_bytes(torch.zeros(1, 1, 2, 2))[1] == 0
+    for other in (0.5, -1.0, 256.0, float("nan"), float("inf")):
         x[2, 6, 110, 96] = other  # in the last chunk
-        assert native.spike_bytes(x) is None
+        assert native.small_integer_bytes(x) is None
 
 
 @needs_int8_kernels
 @needs_c_compiler
 @pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("largest", [1, 3, 255])
 @pytest.mark.parametrize(("kernel", "padding", "bias"), [(1, 0, True), (3, 1, False), (3, 0, True)])
 def test_integer_conv_is_as_close_to_the_exact_sum_as_float32(
-    kernel: int, padding: int, bias: bool, layout: str
+    kernel: int, padding: int, bias: bool, largest: int, layout: str
 ) -> None:
+    """Spikes (largest 1) and spike counts, through both sets of products."""
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(40, 48, kernel, padding=padding, bias=bias)
     with torch.no_grad():
         conv.weight[3] *= 1e4  # channels of very different scales
         conv.weight[7] = 0.0
-    x = _spikes((4, 40, 9, 7), 0.3, layout)
+    x = torch.randint(0, largest + 1, (4, 40, 9, 7)).float() * (torch.rand(4, 40, 9, 7) < 0.3)
+    x = x.contiguous(memory_format=LAYOUTS[layout])
     packed = integer_conv.pack(conv.weight, padding)
-    out = integer_conv.conv2d(native.spike_bytes(x)[0], packed, conv.bias)
+    values, seen = native.small_integer_bytes(x)
+    assert seen == largest
+    out = integer_conv.conv2d(values, packed, conv.bias, seen)
     b = None if conv.bias is None else conv.bias.double()
     exact = F.conv2d(x.double(), conv.weight.double(), b, padding=padding)
-    per_channel = exact.abs().amax((0, 2, 3), keepdim=True)
-    float32_error = ((conv(x) - exact).abs() / per_channel.clamp_min(1e-30)).max()
-    integer_error = ((out - exact).abs() / per_channel.clamp_min(1e-30)).max()
+    per_channel = exact.abs().amax((0, 2, 3), keepdim=True).clamp_min(1e-30)
+    float32_error = ((conv(x) - exact).abs() / per_channel).max()
+    integer_error = ((out - exact).abs() / per_channel).max()
     assert integer_error <= max(2 * float32_error, 4e-7)
     assert out.is_contiguous(memory_format=torch.channels_last) and out.shape == exact.shape
+
+
+@needs_int8_kernels
+def test_pack_declines_layers_whose_int32_sums_could_overflow() -> None:
+    assert integer_conv.pack(torch.ones(16, 8000, 3, 3), 1) is None  # 72,000 terms per output
+    assert integer_conv.pack(torch.ones(16, 7000, 3, 3), 1) is not None
 
 
 @needs_int8_kernels
@@ -115,27 +130,32 @@ def test_eval_spike_conv_takes_the_faster_of_its_float32_and_integer_products(
     torch.manual_seed(0)
     calls = []
     real = integer_conv.conv2d
-    monkeypatch.setattr(integer_conv, "conv2d", lambda *args: calls.append(1) or real(*args))
+    monkeypatch.setattr(
+        integer_conv, "conv2d", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs)
+    )
     spike_conv = SpikeConv2d(32, 64, 3, padding=1)
     x = _spikes((4, 32, 8, 8), 0.3)
     with torch.inference_mode():
         spike_conv(x)  # training mode: float32 (the weights change every step)
         assert spike_conv.integer_products is None and not calls
         spike_conv.eval().max_density = 0.0  # not spike-driven
-        spike_conv(x * 0.5)  # not spikes: nothing to measure yet
+        spike_conv(x * 0.5)  # not integers: nothing to measure yet
         assert spike_conv.integer_products is None and not calls
         spike_conv(x)
         assert spike_conv.integer_products in (True, False) and len(calls) == 3  # warm-up, timed
         spike_conv.integer_products = True
         out = spike_conv(x)
-        dense = spike_conv(x * 0.5)
+        counts = spike_conv(x * 3)
+        fraction = spike_conv(x * 0.5)
         spike_conv.integer_products = False
         float32 = spike_conv(x)
-    assert len(calls) == 4
-    exact = F.conv2d(x.double(), spike_conv.weight.double(), spike_conv.bias.double(), padding=1)
-    torch.testing.assert_close(out.double(), exact, rtol=0, atol=1e-6)
-    assert torch.equal(dense, spike_conv._conv_forward(x * 0.5, spike_conv.weight, spike_conv.bias))
-    assert torch.equal(float32, spike_conv._conv_forward(x, spike_conv.weight, spike_conv.bias))
+    assert len(calls) == 5
+    weight, bias = spike_conv.weight, spike_conv.bias
+    for inputs, result in ((x, out), (x * 3, counts)):
+        exact = F.conv2d(inputs.double(), weight.double(), bias.double(), padding=1)
+        torch.testing.assert_close(result.double(), exact, rtol=0, atol=1e-5)
+    assert torch.equal(fraction, spike_conv._conv_forward(x * 0.5, weight, bias))
+    assert torch.equal(float32, spike_conv._conv_forward(x, weight, bias))
 
 
 @needs_int8_kernels

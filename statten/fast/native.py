@@ -45,7 +45,7 @@ __all__ = [
     "lif_spikes",
     "max_pool2d",
     "max_unpool2d",
-    "spike_bytes",
+    "small_integer_bytes",
     "spike_conv2d",
     "spike_conv2d_weight_grad",
 ]
@@ -122,8 +122,8 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib.statten_spike_conv2d_weight_grad.argtypes = [
         ptr, ptr, i64, i64, i64, i64, ptr, ptr, i64, i64, i64, i64, ptr, ctypes.c_double, i32
     ]  # fmt: skip
-    lib.statten_spike_bytes.argtypes = [ptr, ptr, i64, i32]
-    lib.statten_spike_bytes.restype = i64
+    lib.statten_small_integer_bytes.argtypes = [ptr, ptr, i64, i32]
+    lib.statten_small_integer_bytes.restype = i64
     return lib
 
 
@@ -366,15 +366,16 @@ def spike_conv2d_weight_grad(
     return grad_weight if status == 0 else None
 
 
-def spike_bytes(x: torch.Tensor) -> tuple[torch.Tensor, int] | None:
-    """``x`` as uint8 of the same layout and its number of ones, in one pass; None when ``x``
-    holds another value than 0 and 1. ``x`` float32 on CPU, contiguous or channels-last."""
+def small_integer_bytes(x: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+    """``x [N, C, H, W]`` as uint8 of the same layout and its largest value, in one pass; None
+    when ``x`` holds a value that is not an integer in [0, 255] (spikes and spike counts are).
+    ``x`` float32 on CPU, contiguous or channels-last."""
     x = _in_kernel_layout(x)
     out = torch.empty_like(x, dtype=torch.uint8)
-    with record_function("statten::spike_bytes"):
-        ones = library().statten_spike_bytes(
+    with record_function("statten::small_integer_bytes"):
+        largest = library().statten_small_integer_bytes(
             x.data_ptr(), out.data_ptr(), x.numel(), torch.get_num_threads()
         )
-    if ones == -2:
-        raise MemoryError("statten: out of memory converting spikes to bytes")
-    return None if ones < 0 else (out, ones)
+    if largest == -2:
+        raise MemoryError("statten: out of memory converting a tensor to bytes")
+    return None if largest < 0 else (out, largest)

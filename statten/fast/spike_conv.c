@@ -14,6 +14,7 @@
  * ([n][h][w][c]), so that no caller converts them; weights [kh][kw][cin][cout], bias [cout] or
  * null; stride 1, zero padding `pad` on every side; cout a multiple of 16.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -321,14 +322,15 @@ int statten_spike_conv2d_weight_grad(const float *x, const int64_t *x_strides, i
     return 0;
 }
 
-/* Spikes as bytes, for the integer convolutions of statten/fast/integer_conv.py: chunks of
- * BYTES_GRAIN elements, each counting its ones or marking (-1) a value other than 0 and 1. */
+/* Small non-negative integers (spikes, spike counts) as bytes, for the integer convolutions of
+ * statten/fast/integer_conv.py: chunks of BYTES_GRAIN elements, each noting its largest value or
+ * marking (-1) a value that is not an integer in [0, 255]. */
 #define BYTES_GRAIN 65536
 
 typedef struct {
     const float *x;
     uint8_t *out;
-    int64_t *ones; /* per chunk */
+    int64_t *largest; /* per chunk */
 } Bytes;
 
 static void bytes_range(void *arg, int64_t begin, int64_t end) {
@@ -337,30 +339,33 @@ static void bytes_range(void *arg, int64_t begin, int64_t end) {
     uint8_t *restrict out = b->out;
     for (int64_t start = begin; start < end; start += BYTES_GRAIN) {
         const int64_t stop = start + BYTES_GRAIN < end ? start + BYTES_GRAIN : end;
-        uint32_t ones = 0, spikes = 0; /* branch-free 32-bit counts: the loop vectorizes */
+        uint32_t largest = 0, other = 0; /* branch-free integer reductions: the loop vectorizes */
         for (int64_t i = start; i < stop; i++) {
             const float v = x[i];
-            const uint32_t one = v == 1.0f;
-            ones += one;
-            spikes += one | (v == 0.0f);
-            out[i] = (uint8_t)one;
+            const int fits = (v >= 0.0f) & (v <= 255.0f) & (v == truncf(v)); /* NaN fails */
+            const uint32_t byte = (uint32_t)(int32_t)(fits ? v : 0.0f);
+            largest = byte > largest ? byte : largest;
+            other += !fits;
+            out[i] = (uint8_t)byte;
         }
-        b->ones[start / BYTES_GRAIN] = spikes == (uint32_t)(stop - start) ? (int64_t)ones : -1;
+        b->largest[start / BYTES_GRAIN] = other ? -1 : (int64_t)largest;
     }
 }
 
 /*
- * out[i] = x[i] for the n elements of x when each is 0 or 1 (out of any layout: the caller
- * passes the memory of a tensor and of its byte copy of the same strides). Returns the number of
- * ones, -1 when x holds another value (out then holds garbage), -2 when out of memory.
+ * out[i] = x[i] for the n elements of x when each is an integer in [0, 255] (out of any layout:
+ * the caller passes the memory of a tensor and of its byte copy of the same strides). Returns
+ * the largest value, -1 when x holds another value (out then holds garbage), -2 when out of
+ * memory.
  */
-int64_t statten_spike_bytes(const float *x, uint8_t *out, int64_t n, int threads) {
+int64_t statten_small_integer_bytes(const float *x, uint8_t *out, int64_t n, int threads) {
     const int64_t chunks = (n + BYTES_GRAIN - 1) / BYTES_GRAIN;
     Bytes b = {x, out, malloc((chunks > 0 ? chunks : 1) * sizeof(int64_t))};
-    if (!b.ones) return -2;
+    if (!b.largest) return -2;
     parallel_for(bytes_range, &b, n, BYTES_GRAIN, threads);
-    int64_t total = 0;
-    for (int64_t k = 0; k < chunks && total >= 0; k++) total = b.ones[k] < 0 ? -1 : total + b.ones[k];
-    free(b.ones);
-    return total;
+    int64_t largest = 0;
+    for (int64_t k = 0; k < chunks && largest >= 0; k++)
+        largest = b.largest[k] < 0 ? -1 : (b.largest[k] > largest ? b.largest[k] : largest);
+    free(b.largest);
+    return largest;
 }

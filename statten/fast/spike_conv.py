@@ -46,9 +46,10 @@ class SpikeConv2d(nn.Conv2d):
     ``max_density`` and ``max_density_weight_grad`` are the densities of ones up to which the
     output and the weight gradient are spike-driven: None until measured on the first spike
     input (see the module's docstring); set them to force a path (0: dense, 1: spike-driven).
-    In eval mode the dense output of spikes is the faster of oneDNN's float32 convolution and
-    its exact-integer int8 one (:mod:`statten.fast.integer_conv`): ``integer_products``, None
-    until measured on the first spike input, True or False to force one.
+    In eval mode the dense output for spikes and spike counts (integers in [0, 255]) is the
+    faster of oneDNN's float32 convolution and its exact-integer int8 one
+    (:mod:`statten.fast.integer_conv`): ``integer_products``, None until measured on the first
+    such input, True or False to force one.
     """
 
     def __init__(self, *args: Any, max_density: float | None = None, **kwargs: Any) -> None:
@@ -113,8 +114,8 @@ class SpikeConv2d(nn.Conv2d):
     def _dense_product(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> Callable[[], torch.Tensor]:
-        """The dense product for ``x``: oneDNN's float32 convolution, or in eval mode, for spikes,
-        its int8 one where that measured faster on the first spike input."""
+        """The dense product for ``x``: oneDNN's float32 convolution, or in eval mode, for spikes
+        and spike counts, its int8 one where that measured faster on the first such input."""
 
         def float32() -> torch.Tensor:
             return self._conv_forward(x, weight, bias)
@@ -126,11 +127,13 @@ class SpikeConv2d(nn.Conv2d):
             return float32
 
         def integer() -> torch.Tensor:
-            spikes = native.spike_bytes(x)
-            return float32() if spikes is None else integer_conv.conv2d(spikes[0], packed, bias)
+            values = native.small_integer_bytes(x)
+            if values is None:
+                return float32()
+            return integer_conv.conv2d(values[0], packed, bias, largest=values[1])
 
         if self.integer_products is None:
-            if native.spike_bytes(x) is None:  # measure on a spike input
+            if native.small_integer_bytes(x) is None:  # measure on an input it takes
                 return float32
             integer()  # oneDNN builds its kernels on the first call
             integer_s, _ = _fastest_of(TIMING_CALLS, integer)
