@@ -14,7 +14,6 @@
  * ([n][h][w][c]), so that no caller converts them; weights [kh][kw][cin][cout], bias [cout] or
  * null; stride 1, zero padding `pad` on every side; cout a multiple of 16.
  */
-#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -331,24 +330,47 @@ typedef struct {
     const float *x;
     uint8_t *out;
     int64_t *largest; /* per chunk */
+    int failed;       /* set by the first chunk with another value: the rest are skipped */
 } Bytes;
 
+/* Chunk [start, stop) as bytes when it holds only 0 and 1 (a vectorized loop for spikes, the
+ * common case): its largest value, 0 or 1; else -1. */
+static int64_t spike_bytes(const float *restrict x, uint8_t *restrict out, int64_t start,
+                           int64_t stop) {
+    uint32_t spikes = 0, ones = 0;
+    for (int64_t i = start; i < stop; i++) {
+        const float v = x[i];
+        const uint32_t one = v == 1.0f;
+        ones += one;
+        spikes += one | (v == 0.0f);
+        out[i] = (uint8_t)one;
+    }
+    return spikes == (uint32_t)(stop - start) ? ones > 0 : -1;
+}
+
+/* Chunk [start, stop) as bytes: its largest value, or -1 at a value that is not an integer in
+ * [0, 255]. */
+static int64_t count_bytes(const float *restrict x, uint8_t *restrict out, int64_t start,
+                           int64_t stop) {
+    int64_t largest = 0;
+    for (int64_t i = start; i < stop; i++) {
+        const float v = x[i];
+        if (!(v >= 0.0f && v <= 255.0f) || v != (float)(int32_t)v) return -1; /* NaN fails */
+        out[i] = (uint8_t)(int32_t)v;
+        if (out[i] > largest) largest = out[i];
+    }
+    return largest;
+}
+
 static void bytes_range(void *arg, int64_t begin, int64_t end) {
-    const Bytes *b = arg;
-    const float *restrict x = b->x;
-    uint8_t *restrict out = b->out;
+    Bytes *b = arg;
     for (int64_t start = begin; start < end; start += BYTES_GRAIN) {
+        if (__atomic_load_n(&b->failed, __ATOMIC_RELAXED)) return;
         const int64_t stop = start + BYTES_GRAIN < end ? start + BYTES_GRAIN : end;
-        uint32_t largest = 0, other = 0; /* branch-free integer reductions: the loop vectorizes */
-        for (int64_t i = start; i < stop; i++) {
-            const float v = x[i];
-            const int fits = (v >= 0.0f) & (v <= 255.0f) & (v == truncf(v)); /* NaN fails */
-            const uint32_t byte = (uint32_t)(int32_t)(fits ? v : 0.0f);
-            largest = byte > largest ? byte : largest;
-            other += !fits;
-            out[i] = (uint8_t)byte;
-        }
-        b->largest[start / BYTES_GRAIN] = other ? -1 : (int64_t)largest;
+        int64_t largest = spike_bytes(b->x, b->out, start, stop);
+        if (largest < 0) largest = count_bytes(b->x, b->out, start, stop);
+        b->largest[start / BYTES_GRAIN] = largest;
+        if (largest < 0) __atomic_store_n(&b->failed, 1, __ATOMIC_RELAXED);
     }
 }
 
@@ -360,9 +382,13 @@ static void bytes_range(void *arg, int64_t begin, int64_t end) {
  */
 int64_t statten_small_integer_bytes(const float *x, uint8_t *out, int64_t n, int threads) {
     const int64_t chunks = (n + BYTES_GRAIN - 1) / BYTES_GRAIN;
-    Bytes b = {x, out, malloc((chunks > 0 ? chunks : 1) * sizeof(int64_t))};
+    Bytes b = {x, out, malloc((chunks > 0 ? chunks : 1) * sizeof(int64_t)), 0};
     if (!b.largest) return -2;
     parallel_for(bytes_range, &b, n, BYTES_GRAIN, threads);
+    if (b.failed) {
+        free(b.largest);
+        return -1;
+    }
     int64_t largest = 0;
     for (int64_t k = 0; k < chunks && largest >= 0; k++)
         largest = b.largest[k] < 0 ? -1 : (b.largest[k] > largest ? b.largest[k] : largest);
