@@ -48,8 +48,8 @@ def compare(
         dense = best_ms(lambda: conv(x), repeats)
 
         def integer() -> torch.Tensor:
-            values, largest = native.small_integer_bytes(x)
-            return integer_conv.conv2d(values, packed, conv.bias, largest)
+            values, spikes = native.small_integer_bytes(x)
+            return integer_conv.conv2d(values, packed, conv.bias, spikes)
 
         integer_ms = best_ms(integer, repeats)
         return dense, integer_ms

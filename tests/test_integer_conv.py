@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import needs_c_compiler
 
 from statten.fast import integer_conv, native
-from statten.fast.spike_conv import SpikeConv2d
+from statten.fast.spike_conv import SpikeConv1d, SpikeConv2d, SpikeLinear, integer_token_layers
 
 needs_int8_kernels = pytest.mark.skipif(
     not integer_conv.available(), reason="this torch build runs no oneDNN int8 convolution here"
@@ -59,16 +59,18 @@ def test_small_integer_bytes_keep_spikes_and_counts_and_decline_other_values() -
     for layout in LAYOUTS:
         x = _spikes((3, 7, 111, 97), 0.2, layout)  # not a whole number of the kernel's chunks
         x[0, 0, 0, 0] = -0.0
-        values, largest = native.small_integer_bytes(x)
-        assert largest == 1 and values.dtype == torch.uint8
+        values, spikes = native.small_integer_bytes(x)
+        assert spikes and values.dtype == torch.uint8
         assert torch.equal(values, x.to(torch.uint8))
         assert values.is_contiguous(memory_format=LAYOUTS[layout])
-    x[1, 2, 3, 4] = 255.0
-    assert native.small_integer_bytes(x)[1] == 255
-    assert native.small_integer_bytes(torch.zeros(1, 1, 2, 2))[1] == 0
-    for other in (0.5, -1.0, 256.0, float("nan"), float("inf")):
+    counts = x * torch.randint(0, 256, x.shape)
+    values, spikes = native.small_integer_bytes(counts)
+    assert not spikes and torch.equal(values, counts.to(torch.uint8))
+    assert native.small_integer_bytes(torch.zeros(1, 1, 2, 2))[1]
+    assert not native.small_integer_bytes(torch.full((1, 1, 2, 2), 2.0))[1]
+    for other in (0.5, 255.5, -1.0, 256.0, 1e-40, float("nan"), float("inf")):
         x[2, 6, 110, 96] = other  # in the last chunk
-        assert native.small_integer_bytes(x) is None
+        assert native.small_integer_bytes(x) is None, other
 
 
 @needs_int8_kernels
@@ -88,9 +90,9 @@ def test_integer_conv_is_as_close_to_the_exact_sum_as_float32(
     x = torch.randint(0, largest + 1, (4, 40, 9, 7)).float() * (torch.rand(4, 40, 9, 7) < 0.3)
     x = x.contiguous(memory_format=LAYOUTS[layout])
     packed = integer_conv.pack(conv.weight, padding)
-    values, seen = native.small_integer_bytes(x)
-    assert seen == largest
-    out = integer_conv.conv2d(values, packed, conv.bias, seen)
+    values, spikes = native.small_integer_bytes(x)
+    assert spikes == (largest == 1)
+    out = integer_conv.conv2d(values, packed, conv.bias, spikes)
     b = None if conv.bias is None else conv.bias.double()
     exact = F.conv2d(x.double(), conv.weight.double(), b, padding=padding)
     per_channel = exact.abs().amax((0, 2, 3), keepdim=True).clamp_min(1e-30)
@@ -170,3 +172,45 @@ def test_integer_weights_follow_the_weights() -> None:
         after = spike_conv(x)
     bias = spike_conv.bias[None, :, None, None]
     torch.testing.assert_close(after - bias, 2 * (before - bias), rtol=1e-6, atol=1e-6)
+
+
+@needs_int8_kernels
+@needs_c_compiler
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_token_layers_take_int8_products_in_eval_mode_only(kind: str) -> None:
+    torch.manual_seed(0)
+    if kind == "linear":
+        plain = torch.nn.Linear(24, 40)
+        x = torch.randint(0, 4, (3, 5, 24)).float()  # spike counts, channels last
+    else:
+        plain = torch.nn.Conv1d(24, 40, 1)
+        x = torch.randint(0, 4, (3, 24, 7)).float()
+    holder = torch.nn.Sequential(plain)
+    integer_token_layers(holder)
+    layer = holder[0]
+    assert isinstance(layer, SpikeLinear if kind == "linear" else SpikeConv1d)
+    assert layer.weight is plain.weight and layer.bias is plain.bias and layer.training
+    with torch.no_grad():
+        assert torch.equal(layer(x), plain(x))  # training mode: the plain layer
+        layer.eval().integer_products = True
+        out, fraction = layer(x), layer(x + 0.5)
+    exact = plain.double()(x.double())
+    torch.testing.assert_close(out.double(), exact, rtol=0, atol=1e-5)
+    assert out.shape == exact.shape and torch.equal(fraction, plain.float()(x + 0.5))
+
+
+def test_token_layers_keep_the_state_dict() -> None:
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 8), torch.nn.Conv1d(8, 8, 1), torch.nn.Conv1d(8, 8, 3)
+    )
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    integer_token_layers(model)
+    assert [type(m) for m in model] == [SpikeLinear, SpikeConv1d, SpikeConv1d]
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[name], value) for name, value in before.items())
+    x = torch.randint(0, 2, (2, 8, 5)).float()
+    with torch.no_grad():  # a kernel-3 Conv1d stays the plain convolution
+        assert torch.equal(
+            model[2].eval()(x), torch.nn.functional.conv1d(x, model[2].weight, model[2].bias)
+        )

@@ -16,7 +16,7 @@ from torch import nn
 
 from statten.fast.functions import use_fused_neurons
 from statten.fast.kernels import use_compiled_kernels
-from statten.fast.spike_conv import spike_driven_convolutions
+from statten.fast.spike_conv import integer_token_layers, spike_driven_convolutions
 
 __all__ = ["fold_batchnorm", "optimize_for_inference"]
 
@@ -67,6 +67,7 @@ def optimize_for_inference(
         use_compiled_kernels(True)
     if spike_driven:
         spike_driven_convolutions(fast)
+        integer_token_layers(fast)
     if channels_last:
         fast = fast.to(memory_format=torch.channels_last)
     return fast

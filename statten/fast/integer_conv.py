@@ -107,11 +107,11 @@ _SUM_INTO_OUTPUT = (1.0, 0, "sum", 1.0, "none", [], "")
 
 
 def conv2d(
-    values: torch.Tensor, weights: IntegerWeights, bias: torch.Tensor | None, largest: int = 255
+    values: torch.Tensor, weights: IntegerWeights, bias: torch.Tensor | None, spikes: bool = False
 ) -> torch.Tensor:
-    """``conv2d(values, weight, bias)`` for ``values [N, C, H, W]`` of bytes (uint8; spikes when
-    ``largest``, their largest value, is at most 1), as a channels-last float32 tensor."""
-    products = weights.for_spikes if largest <= 1 else weights.for_counts
+    """``conv2d(values, weight, bias)`` for ``values [N, C, H, W]`` of bytes (uint8; only 0 and 1
+    when ``spikes``), as a channels-last float32 tensor."""
+    products = weights.for_spikes if spikes else weights.for_counts
     if not weights.pointwise:
         geometry = ([1, 1], [weights.padding] * 2, [1, 1], 1)
         qconv = torch.ops.onednn.qconv2d_pointwise
@@ -153,15 +153,15 @@ def available() -> bool:
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(16, 8, 3, 3, generator=generator)
     probes = [
-        (values, w, padding, largest)
+        (values, w, padding, largest == 1)
         for largest in (1, 255)
         for values in [torch.randint(0, largest + 1, (2, 8, 5, 5), generator=generator)]
         for w, padding in ((weight, 1), (weight[:, :, :1, :1].contiguous(), 0))
     ]
     try:
         results = [
-            conv2d(values.to(torch.uint8), pack(w, padding), None, largest)
-            for values, w, padding, largest in probes
+            conv2d(values.to(torch.uint8), pack(w, padding), None, spikes)
+            for values, w, padding, spikes in probes
         ]
     except RuntimeError:
         return False

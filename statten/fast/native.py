@@ -366,16 +366,16 @@ def spike_conv2d_weight_grad(
     return grad_weight if status == 0 else None
 
 
-def small_integer_bytes(x: torch.Tensor) -> tuple[torch.Tensor, int] | None:
-    """``x [N, C, H, W]`` as uint8 of the same layout and its largest value, in one pass; None
-    when ``x`` holds a value that is not an integer in [0, 255] (spikes and spike counts are).
-    ``x`` float32 on CPU, contiguous or channels-last."""
+def small_integer_bytes(x: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
+    """``x [N, C, H, W]`` as uint8 of the same layout, and whether it holds only 0 and 1, in one
+    pass; None when ``x`` holds a value that is not an integer in [0, 255] (spikes and spike
+    counts are). ``x`` float32 on CPU, contiguous or channels-last."""
     x = _in_kernel_layout(x)
     out = torch.empty_like(x, dtype=torch.uint8)
     with record_function("statten::small_integer_bytes"):
-        largest = library().statten_small_integer_bytes(
+        bits_or = library().statten_small_integer_bytes(
             x.data_ptr(), out.data_ptr(), x.numel(), torch.get_num_threads()
         )
-    if largest == -2:
+    if bits_or == -2:
         raise MemoryError("statten: out of memory converting a tensor to bytes")
-    return None if largest < 0 else (out, largest)
+    return None if bits_or < 0 else (out, bits_or <= 1)

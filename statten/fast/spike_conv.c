@@ -16,6 +16,7 @@
  */
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "parallel.h"
 
@@ -322,76 +323,59 @@ int statten_spike_conv2d_weight_grad(const float *x, const int64_t *x_strides, i
 }
 
 /* Small non-negative integers (spikes, spike counts) as bytes, for the integer convolutions of
- * statten/fast/integer_conv.py: chunks of BYTES_GRAIN elements, each noting its largest value or
- * marking (-1) a value that is not an integer in [0, 255]. */
+ * statten/fast/integer_conv.py: chunks of BYTES_GRAIN elements, each noting the bitwise or of its
+ * values (at most 1 for spikes) or marking (-1) a value that is not an integer in [0, 255]. The
+ * test reads the float's bits (integer operations only, so that the loop vectorizes). */
 #define BYTES_GRAIN 65536
 
 typedef struct {
     const float *x;
     uint8_t *out;
-    int64_t *largest; /* per chunk */
+    int64_t *bits_or; /* per chunk */
     int failed;       /* set by the first chunk with another value: the rest are skipped */
 } Bytes;
 
-/* Chunk [start, stop) as bytes when it holds only 0 and 1 (a vectorized loop for spikes, the
- * common case): its largest value, 0 or 1; else -1. */
-static int64_t spike_bytes(const float *restrict x, uint8_t *restrict out, int64_t start,
-                           int64_t stop) {
-    uint32_t spikes = 0, ones = 0;
-    for (int64_t i = start; i < stop; i++) {
-        const float v = x[i];
-        const uint32_t one = v == 1.0f;
-        ones += one;
-        spikes += one | (v == 0.0f);
-        out[i] = (uint8_t)one;
-    }
-    return spikes == (uint32_t)(stop - start) ? ones > 0 : -1;
-}
-
-/* Chunk [start, stop) as bytes: its largest value, or -1 at a value that is not an integer in
- * [0, 255]. */
-static int64_t count_bytes(const float *restrict x, uint8_t *restrict out, int64_t start,
-                           int64_t stop) {
-    int64_t largest = 0;
-    for (int64_t i = start; i < stop; i++) {
-        const float v = x[i];
-        if (!(v >= 0.0f && v <= 255.0f) || v != (float)(int32_t)v) return -1; /* NaN fails */
-        out[i] = (uint8_t)(int32_t)v;
-        if (out[i] > largest) largest = out[i];
-    }
-    return largest;
-}
-
 static void bytes_range(void *arg, int64_t begin, int64_t end) {
     Bytes *b = arg;
+    const float *restrict x = b->x;
+    uint8_t *restrict out = b->out;
     for (int64_t start = begin; start < end; start += BYTES_GRAIN) {
         if (__atomic_load_n(&b->failed, __ATOMIC_RELAXED)) return;
         const int64_t stop = start + BYTES_GRAIN < end ? start + BYTES_GRAIN : end;
-        int64_t largest = spike_bytes(b->x, b->out, start, stop);
-        if (largest < 0) largest = count_bytes(b->x, b->out, start, stop);
-        b->largest[start / BYTES_GRAIN] = largest;
-        if (largest < 0) __atomic_store_n(&b->failed, 1, __ATOMIC_RELAXED);
+        uint32_t bits_or = 0, other = 0;
+        for (int64_t i = start; i < stop; i++) {
+            uint32_t bits;
+            memcpy(&bits, x + i, sizeof bits);
+            const uint32_t exponent = bits >> 23;               /* >= 256 when negative */
+            const uint32_t in_range = exponent - 127u <= 7u;     /* a value in [1, 256) */
+            const uint32_t shift = in_range ? 150u - exponent : 0u;
+            const uint32_t mantissa = (bits & 0x7FFFFFu) | 0x800000u;
+            const uint32_t byte = in_range ? mantissa >> shift : 0u;
+            /* in range: a fraction below the point; else anything but +-0 */
+            other += in_range ? (mantissa & ((1u << shift) - 1u)) != 0u
+                              : (bits & 0x7FFFFFFFu) != 0u;
+            bits_or |= byte;
+            out[i] = (uint8_t)byte;
+        }
+        b->bits_or[start / BYTES_GRAIN] = other ? -1 : (int64_t)bits_or;
+        if (other) __atomic_store_n(&b->failed, 1, __ATOMIC_RELAXED);
     }
 }
 
 /*
  * out[i] = x[i] for the n elements of x when each is an integer in [0, 255] (out of any layout:
  * the caller passes the memory of a tensor and of its byte copy of the same strides). Returns
- * the largest value, -1 when x holds another value (out then holds garbage), -2 when out of
- * memory.
+ * the bitwise or of the values (at most 1 when x is spikes), -1 when x holds another value (out
+ * then holds garbage), -2 when out of memory.
  */
 int64_t statten_small_integer_bytes(const float *x, uint8_t *out, int64_t n, int threads) {
     const int64_t chunks = (n + BYTES_GRAIN - 1) / BYTES_GRAIN;
     Bytes b = {x, out, malloc((chunks > 0 ? chunks : 1) * sizeof(int64_t)), 0};
-    if (!b.largest) return -2;
+    if (!b.bits_or) return -2;
     parallel_for(bytes_range, &b, n, BYTES_GRAIN, threads);
-    if (b.failed) {
-        free(b.largest);
-        return -1;
-    }
-    int64_t largest = 0;
-    for (int64_t k = 0; k < chunks && largest >= 0; k++)
-        largest = b.largest[k] < 0 ? -1 : (b.largest[k] > largest ? b.largest[k] : largest);
-    free(b.largest);
-    return largest;
+    int64_t bits_or = b.failed ? -1 : 0;
+    for (int64_t k = 0; k < chunks && bits_or >= 0; k++)
+        bits_or = b.bits_or[k] < 0 ? -1 : bits_or | b.bits_or[k];
+    free(b.bits_or);
+    return bits_or;
 }

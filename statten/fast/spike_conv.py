@@ -17,17 +17,27 @@ timed, two runs of the same seed may take different paths.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from statten.fast import integer_conv, native
 from statten.fast.integer_conv import IntegerWeights
 
-__all__ = ["SpikeConv2d", "conv2d_backward", "conv2d_forward", "spike_driven_convolutions"]
+__all__ = [
+    "SpikeConv1d",
+    "SpikeConv2d",
+    "SpikeLinear",
+    "conv2d_backward",
+    "conv2d_forward",
+    "integer_token_layers",
+    "spike_driven_convolutions",
+]
 
 # Timed calls of each path on a layer's first spike input (after a warm-up call).
 TIMING_CALLS = 2
@@ -36,7 +46,53 @@ TIMING_CALLS = 2
 MIN_TIMED_DENSITY = 0.01
 
 
-class SpikeConv2d(nn.Conv2d):
+class _IntegerProducts:
+    """Exact int8 products (:mod:`statten.fast.integer_conv`) for a weight layer in eval mode fed
+    spikes or spike counts: ``integer_products`` is None until timed against the layer's float32
+    product on the first such input, then whether the int8 one was faster (set it to force
+    either). The packed digits are kept until the weights change."""
+
+    def _init_integer_products(self) -> None:
+        self.integer_products: bool | None = None
+        self._integer_weights: tuple[tuple[int, int], IntegerWeights | None] | None = None
+
+    def _integer_product(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        padding: int,
+        float32: Callable[[], torch.Tensor],
+        shaped: Callable[[torch.Tensor], torch.Tensor] = lambda out: out,
+    ) -> torch.Tensor | None:
+        """The int8 product for ``x [N, C, H, W]`` and ``weight [C_out, C, kh, kw]`` (views of the
+        layer's; stride 1, zero ``padding``), a channels-last float32 tensor made the layer's
+        output by ``shaped``, or None where the layer takes its float32 product (``float32``,
+        timed against it on the first call)."""
+        if self.training or self.integer_products is False or not integer_conv.available():
+            return None
+        key = (weight.data_ptr(), weight._version)
+        if self._integer_weights is None or self._integer_weights[0] != key:
+            self._integer_weights = (key, integer_conv.pack(weight, padding))
+        packed = self._integer_weights[1]
+        converted = None if packed is None else native.small_integer_bytes(x)
+        if converted is None:
+            return None
+
+        def integer(converted: tuple[torch.Tensor, bool] | None = None) -> torch.Tensor:
+            data, spikes = native.small_integer_bytes(x) if converted is None else converted
+            return shaped(integer_conv.conv2d(data, packed, bias, spikes))
+
+        if self.integer_products is None:
+            integer()  # oneDNN builds its kernels on the first call
+            integer_s, out = _fastest_of(TIMING_CALLS, integer)  # the conversion included
+            float32_s, _ = _fastest_of(TIMING_CALLS, float32)
+            self.integer_products = integer_s < float32_s
+            return out if self.integer_products else None
+        return integer(converted)
+
+
+class SpikeConv2d(_IntegerProducts, nn.Conv2d):
     """A convolution that, fed 0/1 spikes on CPU, adds the weights of the spikes.
 
     Under autograd the weight gradient adds the output gradients at the spikes the same way.
@@ -56,9 +112,8 @@ class SpikeConv2d(nn.Conv2d):
         super().__init__(*args, **kwargs)
         self.max_density = max_density
         self.max_density_weight_grad: float | None = None
-        self.integer_products: bool | None = None
         self._weight_by_tap: tuple[tuple[int, int], torch.Tensor] | None = None
-        self._integer_weights: tuple[tuple[int, int], IntegerWeights | None] | None = None
+        self._init_integer_products()
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> SpikeConv2d:
@@ -102,44 +157,18 @@ class SpikeConv2d(nn.Conv2d):
         bias = None if bias is None else bias.detach()
         if not self.handles(x):
             return self._conv_forward(x, weight, bias)
-        dense = self._dense_product(x, weight, bias)
         taps = self._weight_per_tap(weight)
+
+        def dense() -> torch.Tensor:
+            float32 = functools.partial(self._conv_forward, x, weight, bias)
+            out = self._integer_product(x, weight, bias, self.padding[0], float32)
+            return float32() if out is None else out
 
         def spike_driven(limit: float) -> torch.Tensor | None:
             return native.spike_conv2d(x, taps, bias, self.padding[0], limit)
 
         out, self.max_density = _crossing(spike_driven, dense, x, self.max_density)
         return dense() if out is None else out
-
-    def _dense_product(
-        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-    ) -> Callable[[], torch.Tensor]:
-        """The dense product for ``x``: oneDNN's float32 convolution, or in eval mode, for spikes
-        and spike counts, its int8 one where that measured faster on the first such input."""
-
-        def float32() -> torch.Tensor:
-            return self._conv_forward(x, weight, bias)
-
-        if self.training or self.integer_products is False or not integer_conv.available():
-            return float32
-        packed = self._packed_integer_weights(weight)
-        if packed is None:
-            return float32
-
-        def integer() -> torch.Tensor:
-            values = native.small_integer_bytes(x)
-            if values is None:
-                return float32()
-            return integer_conv.conv2d(values[0], packed, bias, largest=values[1])
-
-        if self.integer_products is None:
-            if native.small_integer_bytes(x) is None:  # measure on an input it takes
-                return float32
-            integer()  # oneDNN builds its kernels on the first call
-            integer_s, _ = _fastest_of(TIMING_CALLS, integer)
-            float32_s, _ = _fastest_of(TIMING_CALLS, float32)
-            self.integer_products = integer_s < float32_s
-        return integer if self.integer_products else float32
 
     def grads(
         self,
@@ -177,19 +206,72 @@ class SpikeConv2d(nn.Conv2d):
         grad_x, dense_weight, grad_bias = _dense_grads(self, grad_out, x, weight, dense_mask)
         return grad_x, dense_weight if grad_weight is None else grad_weight, grad_bias
 
-    def _packed_integer_weights(self, weight: torch.Tensor) -> IntegerWeights | None:
-        """``weight`` as int8 digit planes (None if not finite), kept until it changes."""
-        key = (weight.data_ptr(), weight._version)
-        if self._integer_weights is None or self._integer_weights[0] != key:
-            self._integer_weights = (key, integer_conv.pack(weight, self.padding[0]))
-        return self._integer_weights[1]
-
     def _weight_per_tap(self, weight: torch.Tensor) -> torch.Tensor:
         """``weight`` as ``[kh, kw, C_in, C_out]``, the kernels' layout, kept until it changes."""
         key = (weight.data_ptr(), weight._version)
         if self._weight_by_tap is None or self._weight_by_tap[0] != key:
             self._weight_by_tap = (key, weight.permute(2, 3, 1, 0).contiguous())
         return self._weight_by_tap[1]
+
+
+class SpikeLinear(_IntegerProducts, nn.Linear):
+    """An ``nn.Linear`` (on the last axis) whose output, in eval mode on CPU for spikes and spike
+    counts, is the exact int8 product where that measured faster (``integer_products``, see
+    :class:`SpikeConv2d`); otherwise, and in training, the plain layer."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_integer_products()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _takes_integer_products(self, x):
+            return super().forward(x)
+        rows = x.detach().reshape(-1, self.in_features)[..., None, None]
+        weight, bias = self.weight.detach(), _detached(self.bias)
+        float32 = functools.partial(F.linear, x, weight, bias)
+        shape = (*x.shape[:-1], self.out_features)
+        out = self._integer_product(
+            rows, weight[..., None, None], bias, 0, float32, lambda out: out.reshape(shape)
+        )  # the [M, C_out, 1, 1] rows of the int8 product are those of the output: a view
+        return float32() if out is None else out
+
+
+class SpikeConv1d(_IntegerProducts, nn.Conv1d):
+    """A pointwise ``nn.Conv1d`` (kernel 1, stride 1, no groups) whose output, in eval mode on CPU
+    for spikes and spike counts, is the exact int8 product where that measured faster
+    (``integer_products``, see :class:`SpikeConv2d`); otherwise, and in training, the plain
+    layer."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_integer_products()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pointwise = (self.kernel_size, self.stride, self.groups) == ((1,), (1,), 1)
+        if not (pointwise and self.padding == (0,) and _takes_integer_products(self, x)):
+            return super().forward(x)
+        weight, bias = self.weight.detach(), _detached(self.bias)
+        float32 = functools.partial(self._conv_forward, x, weight, bias)
+        out = self._integer_product(
+            x.detach()[:, :, None], weight[..., None], bias, 0, float32,
+            lambda out: out.squeeze(2).contiguous(),  # models view Conv1d outputs freely
+        )  # fmt: skip
+        return float32() if out is None else out
+
+
+def _takes_integer_products(layer: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``layer`` in its mode may run int8 products for ``x`` (what they take)."""
+    return (
+        not layer.training
+        and x.device.type == "cpu"
+        and x.dtype == layer.weight.dtype == torch.float32
+        and x.dim() >= 2
+        and native.library() is not None
+    )
+
+
+def _detached(bias: torch.Tensor | None) -> torch.Tensor | None:
+    return None if bias is None else bias.detach()
 
 
 def _rebuilt(conv: nn.Conv2d, kind: type[nn.Conv2d]) -> nn.Conv2d:
@@ -309,4 +391,27 @@ def spike_driven_convolutions(model: nn.Module, enabled: bool = True) -> nn.Modu
                 setattr(module, name, SpikeConv2d.from_conv(child))
             elif not enabled and isinstance(child, SpikeConv2d):
                 setattr(module, name, child.to_conv())
+    return model
+
+
+def integer_token_layers(model: nn.Module) -> nn.Module:
+    """Turn every ``nn.Linear`` and ``nn.Conv1d`` of ``model`` (in place) into a
+    :class:`SpikeLinear` / :class:`SpikeConv1d` sharing its parameters (for inference: they
+    differ from the plain layers only in eval mode)."""
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if type(child) is nn.Linear:
+                layer = SpikeLinear(
+                    child.in_features, child.out_features, child.bias is not None, device="meta"
+                )
+            elif type(child) is nn.Conv1d:
+                layer = SpikeConv1d(
+                    child.in_channels, child.out_channels, child.kernel_size, child.stride,
+                    child.padding, child.dilation, child.groups, child.bias is not None,
+                    child.padding_mode, device="meta",
+                )  # fmt: skip
+            else:
+                continue
+            layer.weight, layer.bias = child.weight, child.bias
+            setattr(module, name, layer.train(child.training))
     return model
