@@ -194,6 +194,8 @@ def test_token_layers_take_int8_products_in_eval_mode_only(kind: str) -> None:
         assert torch.equal(layer(x), plain(x))  # training mode: the plain layer
         layer.eval().integer_products = True
         out, fraction = layer(x), layer(x + 0.5)
+        if kind == "conv1d":  # unbatched [C, L]: the plain layer
+            assert torch.equal(layer(x[0]), plain(x[0]))
     exact = plain.double()(x.double())
     torch.testing.assert_close(out.double(), exact, rtol=0, atol=1e-5)
     assert out.shape == exact.shape and torch.equal(fraction, plain.float()(x + 0.5))

@@ -19,6 +19,8 @@
   (``model.spike_driven = True``) and part of fast inference: on CPU, the output and the weight
   gradient of a convolution fed spikes are computed from the spikes where measured faster
   (rounds differently; measured deviation in docs/performance.md).
+- Exact-integer products (:mod:`statten.fast.integer_conv`), part of fast inference: weight
+  layers fed spikes or spike counts sum them in int8 on oneDNN's kernels where measured faster.
 """
 
 from __future__ import annotations

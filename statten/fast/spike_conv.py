@@ -13,6 +13,11 @@ crossover); from then on every call compares the input's density with it. The su
 another order than the dense ones, so results differ at the rounding level (spike-driven training
 is opt-in; its measured deviation is in docs/performance.md), and, since the crossovers are
 timed, two runs of the same seed may take different paths.
+
+In eval mode a layer fed spikes or spike counts has a third product: exact int8 sums on oneDNN's
+kernels (:mod:`statten.fast.integer_conv`), timed against the float32 one on the first such
+input. Fast inference also gives it to the token layers (:class:`SpikeLinear`,
+:class:`SpikeConv1d`, installed by :func:`integer_token_layers`).
 """
 
 from __future__ import annotations
@@ -152,7 +157,8 @@ class SpikeConv2d(_IntegerProducts, nn.Conv2d):
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
         """``conv(x)`` with ``weight`` and ``bias``, outside autograd; spike-driven while ``x``
-        is spikes at a density below the crossover."""
+        is spikes at a density below the crossover, else (in eval mode) the faster of the float32
+        and int8 products."""
         x, weight = x.detach(), weight.detach()
         bias = None if bias is None else bias.detach()
         if not self.handles(x):
@@ -247,8 +253,10 @@ class SpikeConv1d(_IntegerProducts, nn.Conv1d):
         self._init_integer_products()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pointwise = (self.kernel_size, self.stride, self.groups) == ((1,), (1,), 1)
-        if not (pointwise and self.padding == (0,) and _takes_integer_products(self, x)):
+        pointwise = (self.kernel_size, self.stride, self.padding, self.groups) == (
+            (1,), (1,), (0,), 1
+        )  # fmt: skip
+        if not (pointwise and x.dim() == 3 and _takes_integer_products(self, x)):
             return super().forward(x)
         weight, bias = self.weight.detach(), _detached(self.bias)
         float32 = functools.partial(self._conv_forward, x, weight, bias)
