@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 import statten
+from statten.analysis import SpikeRecorder
 from statten.fast import integer_conv, optimize_for_inference
 from statten.fast.spike_conv import SpikeConv2d
-from statten.neurons import is_neuron
 
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 sys.path.insert(0, str(TESTS))
@@ -32,18 +32,10 @@ CASES = ("static_sdt", "static_statten")
 
 
 def outputs(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Logits and the spikes of every neuron layer, in call order."""
-    spikes: list[torch.Tensor] = []
-    hooks = [
-        module.register_forward_hook(lambda m, i, out: spikes.append(out.clone()))
-        for module in model.modules()
-        if is_neuron(module)
-    ]
-    with torch.inference_mode():
+    """Logits and the spikes of every neuron layer, by layer."""
+    with torch.inference_mode(), SpikeRecorder(model, keep_spikes=True) as recorder:
         logits = model(x)
-    for hook in hooks:
-        hook.remove()
-    return logits, spikes
+    return logits, [spikes for calls in recorder.spikes.values() for spikes in calls]
 
 
 def deviation(case: str, integer: bool, batches: int) -> dict[str, float]:
