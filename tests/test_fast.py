@@ -28,6 +28,7 @@ from statten.fast import (
     use_native_kernels,
 )
 from statten.fast.functions import record_saved_tensors
+from statten.fast.inference import InferenceMaxPool2d
 from statten.fast.kernels import (
     batch_norm_lif_input_grad,
     batch_norm_lif_spikes,
@@ -388,6 +389,48 @@ def test_max_pool_kernels_equal_torch(
         .scatter_add_(2, indices.flatten(2), grad.flatten(2))
     )
     assert torch.equal(max_unpool(grad, argmax, x.shape, x.stride()), expected_grad.view_as(x))
+
+
+@needs_c_compiler
+@pytest.mark.parametrize("kind", ["spikes", "values"])
+@pytest.mark.parametrize(
+    ("kernel_size", "stride", "padding"),
+    [(3, 2, 1), (2, 2, 0), (3, 1, 1), ((3, 2), (2, 1), (1, 0))],
+)
+@pytest.mark.parametrize("shape", [(3, 5, 9, 11), (4, 130, 8, 10)])
+def test_inference_max_pool_equals_torch_on_channels_last_inputs(
+    kind: str,
+    kernel_size: int | tuple,
+    stride: int | tuple,
+    padding: int | tuple,
+    shape: tuple[int, ...],
+) -> None:
+    x = _pool_input(kind, shape)
+    x.view(-1)[::7] = -0.0  # signed zeros tie with 0: the first one stays, as in torch
+    x = x.contiguous(memory_format=torch.channels_last)
+    pool = InferenceMaxPool2d(kernel_size, stride, padding)
+    calls = []
+    real = native.max_pool2d_channels_last
+    native.max_pool2d_channels_last = lambda *args: calls.append(1) or real(*args)
+    try:
+        with torch.no_grad():
+            out = pool(x)
+            plain = pool(x.contiguous())  # not channels-last: torch's kernel
+    finally:
+        native.max_pool2d_channels_last = real
+    expected = torch.nn.functional.max_pool2d(x, kernel_size, stride, padding)
+    assert len(calls) == 1 and out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out.isnan(), expected.isnan())
+    bits = [t.nan_to_num().contiguous().view(torch.int32) for t in (out, expected, plain)]
+    assert torch.equal(bits[0], bits[1]) and torch.equal(bits[2], bits[1])
+
+
+def test_optimize_for_inference_pools_in_c_and_leaves_the_model_alone() -> None:
+    model = SpikingModel()
+    model.pool = torch.nn.MaxPool2d(3, 2, 1)
+    fast = optimize_for_inference(model, compile_kernels=False)
+    assert type(model.pool) is torch.nn.MaxPool2d and type(fast.pool) is InferenceMaxPool2d
+    assert (fast.pool.kernel_size, fast.pool.stride, fast.pool.padding) == (3, 2, 1)
 
 
 @needs_c_compiler

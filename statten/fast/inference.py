@@ -1,10 +1,10 @@
 """Inference fast path: BatchNorm folded into convolutions, fused LIF kernels, channels-last, and
-spike-driven convolutions on CPU.
+on CPU spike-driven or exact-integer products of spikes and max pooling in C.
 
-Folding rounds differently from running conv and BatchNorm apart, and a spike-driven convolution
-adds its terms in another order than a dense one, so a membrane potential that lands within a
-rounding error of a threshold can fire on one side and not the other: outputs match the plain
-eval model up to the measured deviation documented in docs/performance.md.
+Folding rounds differently from running conv and BatchNorm apart, and spike-driven or integer
+products add their terms in another order than a dense one, so a membrane potential that lands
+within a rounding error of a threshold can fire on one side and not the other: outputs match the
+plain eval model up to the measured deviation documented in docs/performance.md.
 """
 
 from __future__ import annotations
@@ -15,10 +15,20 @@ import torch
 from torch import nn
 
 from statten.fast.functions import use_fused_neurons
-from statten.fast.kernels import use_compiled_kernels
+from statten.fast.kernels import max_pool_values, use_compiled_kernels
 from statten.fast.spike_conv import integer_token_layers, spike_driven_convolutions
 
-__all__ = ["fold_batchnorm", "optimize_for_inference"]
+__all__ = ["InferenceMaxPool2d", "fold_batchnorm", "optimize_for_inference"]
+
+
+class InferenceMaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` that pools channels-last CPU inputs outside autograd with the C kernel
+    (values only, equal to torch's; ``pool.c``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return super().forward(x)
+        return max_pool_values(x, self)
 
 
 def _folded(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:
@@ -55,11 +65,13 @@ def optimize_for_inference(
 
     BatchNorm is folded into the convolutions, LIF layers run the fused kernels of
     :mod:`statten.fast.kernels` (C on CPU; compiled with ``torch.compile`` elsewhere when
-    ``compile_kernels``) and,
-    with ``channels_last``, weights are laid out channels-last (faster oneDNN convolutions on
-    CPU, tensor cores on GPU; pass channels-last inputs too). With ``spike_driven``, convolutions
-    fed spikes on CPU add the weights of the spikes instead of multiplying every input
-    (:class:`~statten.fast.spike_conv.SpikeConv2d`). Run it under ``torch.inference_mode()``.
+    ``compile_kernels``), max pooling of channels-last CPU tensors runs in C
+    (:class:`InferenceMaxPool2d`) and, with ``channels_last``, weights are laid out
+    channels-last (faster oneDNN convolutions on CPU, tensor cores on GPU; pass channels-last
+    inputs too). With ``spike_driven``, weight layers fed spikes or spike counts on CPU take the
+    fastest of their float32 product, the spike-driven sums (convolutions:
+    :class:`~statten.fast.spike_conv.SpikeConv2d`) and exact int8 sums (also ``nn.Linear`` and
+    pointwise ``nn.Conv1d``). Run it under ``torch.inference_mode()``.
     """
     fast = fold_batchnorm(copy.deepcopy(model).eval())
     use_fused_neurons(fast, True)
@@ -70,4 +82,17 @@ def optimize_for_inference(
         integer_token_layers(fast)
     if channels_last:
         fast = fast.to(memory_format=torch.channels_last)
-    return fast
+    return _inference_pools(fast)
+
+
+def _inference_pools(model: nn.Module) -> nn.Module:
+    """Every ``nn.MaxPool2d`` of ``model`` (in place) as an :class:`InferenceMaxPool2d`."""
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if type(child) is nn.MaxPool2d:
+                pool = InferenceMaxPool2d(
+                    child.kernel_size, child.stride, child.padding, child.dilation,
+                    child.return_indices, child.ceil_mode,
+                )  # fmt: skip
+                setattr(module, name, pool.train(child.training))
+    return model

@@ -401,35 +401,67 @@ def _batch_norm_forward_exactly() -> bool:
     )
 
 
+def _pool_geometry(x: torch.Tensor, pool: torch.nn.MaxPool2d) -> tuple[tuple[int, int], ...] | None:
+    """``(kernel, stride, padding, output size)`` of ``pool`` on ``x [N, C, H, W]`` where the C
+    pooling kernels take them (dilation 1, floor mode, padding at most half the window, a
+    non-empty output, not traced), else None."""
+    kernel, stride, padding = (
+        torch.nn.modules.utils._pair(value)
+        for value in (pool.kernel_size, pool.stride or pool.kernel_size, pool.padding)
+    )
+    if (
+        x.dim() != 4
+        or torch.nn.modules.utils._pair(pool.dilation) != (1, 1)
+        or pool.ceil_mode
+        or not all(0 <= 2 * p <= k for p, k in zip(padding, kernel, strict=True))
+        or torch.compiler.is_compiling()
+    ):
+        return None
+    size = tuple(
+        (length + 2 * p - k) // s + 1
+        for length, p, k, s in zip(x.shape[2:], padding, kernel, stride, strict=True)
+    )
+    return (kernel, stride, padding, size) if min(size) > 0 else None
+
+
 def max_pool_with_argmax(
     x: torch.Tensor, pool: torch.nn.MaxPool2d
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``pool(x)`` for ``x [N, C, H, W]`` and the int32 argmax of every window in its plane:
     ``max_pool2d_with_indices``, through the C kernel where it runs (contiguous float32 on CPU,
     dilation 1, floor mode)."""
-    kernel, stride, padding = (
-        torch.nn.modules.utils._pair(value)
-        for value in (pool.kernel_size, pool.stride or pool.kernel_size, pool.padding)
-    )
+    geometry = _pool_geometry(x, pool)
     if (
-        _native(x)
-        and x.dim() == 4
-        and torch.nn.modules.utils._pair(pool.dilation) == (1, 1)
-        and not pool.ceil_mode
-        and all(0 <= 2 * p <= k for p, k in zip(padding, kernel, strict=True))
-        and kernel[0] <= native.MAX_POOL_KERNEL
-        and not torch.compiler.is_compiling()
+        geometry is not None
+        and _native(x)
+        and geometry[0][0] <= native.MAX_POOL_KERNEL
+        and geometry[3][1] <= native.MAX_POOL_WIDTH
     ):
-        size = tuple(
-            (length + 2 * p - k) // s + 1
-            for length, p, k, s in zip(x.shape[2:], padding, kernel, stride, strict=True)
-        )
-        if min(size) > 0 and size[1] <= native.MAX_POOL_WIDTH:
-            return native.max_pool2d(x, kernel, stride, padding, size)
+        return native.max_pool2d(x, *geometry)
     out, indices = torch.nn.functional.max_pool2d_with_indices(
         x, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode
     )
     return out, indices.to(torch.int32)
+
+
+def max_pool_values(x: torch.Tensor, pool: torch.nn.MaxPool2d) -> torch.Tensor:
+    """``pool(x)`` without indices (inference): through the C kernel for channels-last float32
+    ``x`` on CPU (torch's writes int64 indices it then drops), else torch's."""
+    geometry = _pool_geometry(x, pool)
+    if (
+        geometry is not None
+        and not pool.return_indices
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and _use_native
+        and native.library() is not None
+    ):
+        return native.max_pool2d_channels_last(x, *geometry)
+    return torch.nn.functional.max_pool2d(
+        x, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode,
+        pool.return_indices,
+    )  # fmt: skip
 
 
 def max_unpool(

@@ -44,6 +44,7 @@ __all__ = [
     "lif_grad",
     "lif_spikes",
     "max_pool2d",
+    "max_pool2d_channels_last",
     "max_unpool2d",
     "small_integer_bytes",
     "spike_conv2d",
@@ -115,6 +116,7 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib.statten_batch_norm_terms.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64]
     lib.statten_lif_grad.argtypes = [ptr, ptr, ptr, ptr, i64, i64, f32, f32, i32]
     lib.statten_max_pool2d.argtypes = [ptr, i64, i64, i64, ptr, ptr, *[i64] * 8, i32]
+    lib.statten_max_pool2d_channels_last.argtypes = [ptr, *[i64] * 4, ptr, *[i64] * 8, i32]
     lib.statten_max_unpool2d.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, ptr, i32]
     lib.statten_spike_conv2d.argtypes = [
         ptr, ptr, i64, i64, i64, i64, ptr, ptr, i64, i64, i64, i64, ptr, ptr, ctypes.c_double, i32
@@ -275,6 +277,25 @@ def max_pool2d(
             *kernel_size, *stride, *padding, torch.get_num_threads(),
         )  # fmt: skip
     return out, indices
+
+
+def max_pool2d_channels_last(
+    x: torch.Tensor,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    output_size: tuple[int, int],
+) -> torch.Tensor:
+    """Max pooling of a channels-last ``x [N, C, H, W]`` (dilation 1), values only, equal to
+    ``max_pool2d``'s (see ``pool.c``); the output is channels-last."""
+    n, c, h, w = x.shape
+    out = torch.empty(n, c, *output_size, memory_format=torch.channels_last)
+    with record_function("statten::max_pool2d_channels_last"):
+        library().statten_max_pool2d_channels_last(
+            x.data_ptr(), n, h, w, c, out.data_ptr(), *output_size, *kernel_size, *stride,
+            *padding, torch.get_num_threads(),
+        )  # fmt: skip
+    return out
 
 
 def max_unpool2d(grad_out: torch.Tensor, indices: torch.Tensor, size: torch.Size) -> torch.Tensor:

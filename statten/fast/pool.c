@@ -190,3 +190,42 @@ int statten_max_unpool2d(const float *grad_out, const int32_t *indices, int64_t 
     PoolJob job = {0, 0, (int32_t *)indices, grad_out, grad_x, h, w, oh, ow, 0, 0, 0, 0, 0, 0};
     return parallel_for(unpool_range, &job, planes, 1, threads);
 }
+
+/* Channels-last max pooling, values only (inference): each output position takes, channel by
+ * channel, the maximum over its window of input positions scanned in row-major order, with
+ * torch's rule (a larger value or a NaN replaces the maximum), so the results equal torch's to
+ * the bit (signed zeros included: the first of equal values stays). Channels are innermost, so
+ * the loop over them vectorises; output rows are split over threads. */
+typedef struct {
+    const float *x;
+    float *out;
+    int64_t h, w, c, oh, ow, kh, kw, sh, sw, ph, pw;
+} ChannelsLastPool;
+
+static void channels_last_range(void *arg, int64_t begin, int64_t end) {
+    const ChannelsLastPool *r = arg;
+    for (int64_t row = begin; row < end; row++) { /* image * oh + oy */
+        const int64_t image = row / r->oh, y0 = row % r->oh * r->sh - r->ph;
+        for (int64_t ox = 0; ox < r->ow; ox++) {
+            float *restrict best = r->out + (row * r->ow + ox) * r->c;
+            for (int64_t k = 0; k < r->c; k++) best[k] = -INFINITY;
+            const int64_t x0 = ox * r->sw - r->pw;
+            for (int64_t y = y0 < 0 ? 0 : y0; y < y0 + r->kh && y < r->h; y++) {
+                for (int64_t x = x0 < 0 ? 0 : x0; x < x0 + r->kw && x < r->w; x++) {
+                    const float *restrict v = r->x + ((image * r->h + y) * r->w + x) * r->c;
+                    for (int64_t k = 0; k < r->c; k++)
+                        best[k] = TAKE(v[k], best[k]) ? v[k] : best[k];
+                }
+            }
+        }
+    }
+}
+
+/* out [n][oh][ow][c] = max pooling of x [n][h][w][c] (dilation 1, floor mode, padding at most
+ * half the window, as torch requires). */
+int statten_max_pool2d_channels_last(const float *x, int64_t n, int64_t h, int64_t w, int64_t c,
+                                     float *out, int64_t oh, int64_t ow, int64_t kh, int64_t kw,
+                                     int64_t sh, int64_t sw, int64_t ph, int64_t pw, int threads) {
+    ChannelsLastPool job = {x, out, h, w, c, oh, ow, kh, kw, sh, sw, ph, pw};
+    return parallel_for(channels_last_range, &job, n * oh, 1, threads);
+}
