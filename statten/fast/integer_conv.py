@@ -147,15 +147,22 @@ def _summed(
 @functools.cache
 def available() -> bool:
     """Whether this torch build runs oneDNN's int8 convolutions here, checked once on small
-    layers, fed spikes and counts, against the exact result."""
+    layers, fed spikes and counts, against the exact result: random ones, and the largest
+    values with the largest digits (CPUs without int8 dot products sum byte pairs in int16,
+    which those overflow)."""
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qconv_prepack")):
         return False
     generator = torch.Generator().manual_seed(0)
-    weight = torch.randn(16, 8, 3, 3, generator=generator)
+    random_weight = torch.randn(16, 8, 3, 3, generator=generator)
+    largest_digits = torch.full((16, 8, 3, 3), float(LARGEST))  # every digit 127
     probes = [
         (values, w, padding, largest == 1)
         for largest in (1, 255)
-        for values in [torch.randint(0, largest + 1, (2, 8, 5, 5), generator=generator)]
+        for values in (
+            torch.randint(0, largest + 1, (2, 8, 5, 5), generator=generator),
+            torch.full((2, 8, 5, 5), largest),
+        )
+        for weight in (random_weight, largest_digits)
         for w, padding in ((weight, 1), (weight[:, :, :1, :1].contiguous(), 0))
     ]
     try:
