@@ -11,7 +11,9 @@ stage 3 at batch 16 by default (conv output ``[T * B, 256, 32, 32]``, T = 4):
 - the LIF's input gradient in backward: ``native_batch_norm`` recomputed then the C kernel,
   versus ``batch_norm_lif_input_grad``;
 - 3x3 / stride 2 / padding 1 max pooling of spikes, with int32 argmaxes, and its gradient:
-  ``max_pool2d_with_indices`` and ``scatter_add_`` versus ``pool.c``.
+  ``max_pool2d_with_indices`` and ``scatter_add_`` versus ``pool.c``;
+- the same pooling of channels-last spikes in inference, values only: ``max_pool2d`` versus
+  ``pool.c`` (``max_pool_values``).
 
     python benchmarks/batch_norm_pool_kernels.py [--shape 64 256 32 32] [--repeats 7]
 """
@@ -28,6 +30,7 @@ from statten.fast.kernels import (
     batch_norm_lif_spikes,
     lif_input_grad,
     lif_spikes,
+    max_pool_values,
     max_pool_with_argmax,
     max_unpool,
 )
@@ -90,6 +93,7 @@ def pooling_rows(shape: tuple[int, ...], repeats: int) -> list[tuple[str, float,
     out, indices = max_pool_with_argmax(spikes, pool)
     grad = torch.randn(out.shape)
     long_indices = indices.long()
+    channels_last = spikes.contiguous(memory_format=torch.channels_last)
 
     def torch_unpool() -> None:
         planes = torch.zeros_like(spikes).view(*shape[:2], -1)
@@ -105,6 +109,11 @@ def pooling_rows(shape: tuple[int, ...], repeats: int) -> list[tuple[str, float,
             "its gradient",
             best_ms(torch_unpool, repeats),
             best_ms(lambda: max_unpool(grad, indices, spikes.shape, spikes.stride()), repeats),
+        ),
+        (
+            "channels-last inference pool (values)",
+            best_ms(lambda: torch.nn.functional.max_pool2d(channels_last, 3, 2, 1), repeats),
+            best_ms(lambda: max_pool_values(channels_last, pool), repeats),
         ),
     ]
 
