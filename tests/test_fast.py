@@ -350,6 +350,10 @@ def test_lif_gradient_through_batch_norm_declines_other_layouts() -> None:
     assert batch_norm_lif_input_grad(grad, conv_out, stats, *stats, 1.0, 2.0, 4.0) is None
 
 
+# (kernel size, stride, padding) of the pooling tests: the families' 3x3/2/1, others, asymmetric
+POOL_WINDOWS = [(3, 2, 1), (2, 2, 0), (3, 1, 1), ((3, 2), (2, 1), (1, 0))]
+
+
 def _pool_input(kind: str, shape: tuple[int, ...]) -> torch.Tensor:
     generator = torch.Generator().manual_seed(0)
     if kind == "spikes":  # ties everywhere: the first maximum of each window must win
@@ -363,10 +367,7 @@ def _pool_input(kind: str, shape: tuple[int, ...]) -> torch.Tensor:
 
 @needs_c_compiler
 @pytest.mark.parametrize("kind", ["spikes", "values"])
-@pytest.mark.parametrize(
-    ("kernel_size", "stride", "padding"),
-    [(3, 2, 1), (2, 2, 0), (3, 1, 1), ((3, 2), (2, 1), (1, 0))],
-)
+@pytest.mark.parametrize(("kernel_size", "stride", "padding"), POOL_WINDOWS)
 @pytest.mark.parametrize("shape", [(3, 5, 9, 11), (3, 5, 8, 10), (4, 130, 8, 10)])
 def test_max_pool_kernels_equal_torch(
     kind: str,
@@ -393,10 +394,7 @@ def test_max_pool_kernels_equal_torch(
 
 @needs_c_compiler
 @pytest.mark.parametrize("kind", ["spikes", "values"])
-@pytest.mark.parametrize(
-    ("kernel_size", "stride", "padding"),
-    [(3, 2, 1), (2, 2, 0), (3, 1, 1), ((3, 2), (2, 1), (1, 0))],
-)
+@pytest.mark.parametrize(("kernel_size", "stride", "padding"), POOL_WINDOWS)
 @pytest.mark.parametrize("shape", [(3, 5, 9, 11), (4, 130, 8, 10)])
 def test_inference_max_pool_equals_torch_on_channels_last_inputs(
     kind: str,

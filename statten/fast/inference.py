@@ -16,7 +16,7 @@ from torch import nn
 
 from statten.fast.functions import use_fused_neurons
 from statten.fast.kernels import max_pool_values, use_compiled_kernels
-from statten.fast.spike_conv import integer_token_layers, spike_driven_convolutions
+from statten.fast.spike_conv import integer_token_layers, spike_driven_convolutions, swap_layers
 
 __all__ = ["InferenceMaxPool2d", "fold_batchnorm", "optimize_for_inference"]
 
@@ -87,12 +87,14 @@ def optimize_for_inference(
 
 def _inference_pools(model: nn.Module) -> nn.Module:
     """Every ``nn.MaxPool2d`` of ``model`` (in place) as an :class:`InferenceMaxPool2d`."""
-    for module in list(model.modules()):
-        for name, child in module.named_children():
-            if type(child) is nn.MaxPool2d:
-                pool = InferenceMaxPool2d(
-                    child.kernel_size, child.stride, child.padding, child.dilation,
-                    child.return_indices, child.ceil_mode,
-                )  # fmt: skip
-                setattr(module, name, pool.train(child.training))
-    return model
+
+    def swap(child: nn.Module) -> nn.Module | None:
+        if type(child) is not nn.MaxPool2d:
+            return None
+        pool = InferenceMaxPool2d(
+            child.kernel_size, child.stride, child.padding, child.dilation,
+            child.return_indices, child.ceil_mode,
+        )  # fmt: skip
+        return pool.train(child.training)
+
+    return swap_layers(model, swap)

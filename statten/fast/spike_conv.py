@@ -42,6 +42,7 @@ __all__ = [
     "conv2d_forward",
     "integer_token_layers",
     "spike_driven_convolutions",
+    "swap_layers",
 ]
 
 # Timed calls of each path on a layer's first spike input (after a warm-up call).
@@ -57,7 +58,8 @@ class _IntegerProducts:
     product on the first such input, then whether the int8 one was faster (set it to force
     either). The packed digits are kept until the weights change."""
 
-    def _init_integer_products(self) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # the weight layer's
         self.integer_products: bool | None = None
         self._integer_weights: tuple[tuple[int, int], IntegerWeights | None] | None = None
 
@@ -118,7 +120,6 @@ class SpikeConv2d(_IntegerProducts, nn.Conv2d):
         self.max_density = max_density
         self.max_density_weight_grad: float | None = None
         self._weight_by_tap: tuple[tuple[int, int], torch.Tensor] | None = None
-        self._init_integer_products()
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> SpikeConv2d:
@@ -225,10 +226,6 @@ class SpikeLinear(_IntegerProducts, nn.Linear):
     counts, is the exact int8 product where that measured faster (``integer_products``, see
     :class:`SpikeConv2d`); otherwise, and in training, the plain layer."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_integer_products()
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _takes_integer_products(self, x):
             return super().forward(x)
@@ -247,10 +244,6 @@ class SpikeConv1d(_IntegerProducts, nn.Conv1d):
     for spikes and spike counts, is the exact int8 product where that measured faster
     (``integer_products``, see :class:`SpikeConv2d`); otherwise, and in training, the plain
     layer."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_integer_products()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pointwise = (self.kernel_size, self.stride, self.padding, self.groups) == (
@@ -393,33 +386,47 @@ def spike_driven_convolutions(model: nn.Module, enabled: bool = True) -> nn.Modu
 
     Modules are replaced: hooks registered on the old ones do not move to the new ones.
     """
-    for module in list(model.modules()):
-        for name, child in module.named_children():
-            if enabled and type(child) is nn.Conv2d:
-                setattr(module, name, SpikeConv2d.from_conv(child))
-            elif not enabled and isinstance(child, SpikeConv2d):
-                setattr(module, name, child.to_conv())
-    return model
+
+    def swap(child: nn.Module) -> nn.Module | None:
+        if enabled and type(child) is nn.Conv2d:
+            return SpikeConv2d.from_conv(child)
+        if not enabled and isinstance(child, SpikeConv2d):
+            return child.to_conv()
+        return None
+
+    return swap_layers(model, swap)
 
 
 def integer_token_layers(model: nn.Module) -> nn.Module:
     """Turn every ``nn.Linear`` and ``nn.Conv1d`` of ``model`` (in place) into a
     :class:`SpikeLinear` / :class:`SpikeConv1d` sharing its parameters (for inference: they
     differ from the plain layers only in eval mode)."""
+
+    def swap(child: nn.Module) -> nn.Module | None:
+        if type(child) is nn.Linear:
+            layer = SpikeLinear(
+                child.in_features, child.out_features, child.bias is not None, device="meta"
+            )
+        elif type(child) is nn.Conv1d:
+            layer = SpikeConv1d(
+                child.in_channels, child.out_channels, child.kernel_size, child.stride,
+                child.padding, child.dilation, child.groups, child.bias is not None,
+                child.padding_mode, device="meta",
+            )  # fmt: skip
+        else:
+            return None
+        layer.weight, layer.bias = child.weight, child.bias
+        return layer.train(child.training)
+
+    return swap_layers(model, swap)
+
+
+def swap_layers(model: nn.Module, swap: Callable[[nn.Module], nn.Module | None]) -> nn.Module:
+    """Replace, in place, every submodule of ``model`` for which ``swap(module)`` returns a
+    module by that module (hooks registered on the old ones stay behind)."""
     for module in list(model.modules()):
         for name, child in module.named_children():
-            if type(child) is nn.Linear:
-                layer = SpikeLinear(
-                    child.in_features, child.out_features, child.bias is not None, device="meta"
-                )
-            elif type(child) is nn.Conv1d:
-                layer = SpikeConv1d(
-                    child.in_channels, child.out_channels, child.kernel_size, child.stride,
-                    child.padding, child.dilation, child.groups, child.bias is not None,
-                    child.padding_mode, device="meta",
-                )  # fmt: skip
-            else:
-                continue
-            layer.weight, layer.bias = child.weight, child.bias
-            setattr(module, name, layer.train(child.training))
+            replacement = swap(child)
+            if replacement is not None:
+                setattr(module, name, replacement)
     return model
