@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from statten.fast.inference import SpikeDrivenInference
+from statten.fast.kernels import spike_attention
 from statten.fast.storage import mark_spikes
 
 
@@ -18,7 +20,7 @@ def dvs_max_pool(x: torch.Tensor) -> torch.Tensor:
     return pooled.view(x.shape)
 
 
-class SpatioTemporalAttention(nn.Module):
+class SpatioTemporalAttention(SpikeDrivenInference, nn.Module):
     """Block-wise spatial-temporal linear attention of STAtten (Lee et al., CVPR 2025).
 
     The ``T`` time steps are split into consecutive blocks of ``chunk_size`` steps. Within a block,
@@ -40,6 +42,12 @@ class SpatioTemporalAttention(nn.Module):
         ``scale``: float multiplier of ``K^T V`` (the reference uses ``1 / H_grid`` for images and
         ``1 / (H_grid**2 * chunk_size)`` for event data).
         Output: ``[T, B, heads, N, d]``, real-valued (feed it to a spiking neuron).
+
+    With ``spike_driven_inference`` (set by :func:`~statten.fast.optimize_for_inference`), spike
+    inputs on CPU outside autograd run the spike-driven C kernel (``statten/fast/attention.c``):
+    no copies of Q, K, V into blocks, work in proportion to the spikes, and an output whose
+    heads merge into channels without a copy; its sums are added in another order than the
+    dense products' (equal up to rounding).
     """
 
     def __init__(self, chunk_size: int) -> None:
@@ -51,18 +59,29 @@ class SpatioTemporalAttention(nn.Module):
     def extra_repr(self) -> str:
         return f"chunk_size={self.chunk_size}"
 
-    def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float = 1.0
-    ) -> torch.Tensor:
+    def check_inputs(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Raise ``ValueError`` unless q, k, v share a shape ``[T, B, heads, N, d]`` whose ``T``
+        is a multiple of ``chunk_size``."""
         if q.dim() != 5 or q.shape != k.shape or k.shape != v.shape:
             raise ValueError(
                 "q, k and v must have the same shape [T, B, heads, N, d], got "
                 f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
             )
+        if q.shape[0] % self.chunk_size:
+            raise ValueError(f"T={q.shape[0]} is not divisible by chunk_size={self.chunk_size}")
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float = 1.0
+    ) -> torch.Tensor:
+        self.check_inputs(q, k, v)
+        if self.spike_driven_inference and not (
+            torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+        ):
+            out = spike_attention(q, k, v, self.chunk_size, scale)
+            if out is not None:
+                return out
         T, B, H, N, D = q.shape
         c = self.chunk_size
-        if T % c:
-            raise ValueError(f"T={T} is not divisible by chunk_size={c}")
         # [T, B, H, N, D] -> [T/c, B, H, c*N, D]: one sequence per block of c time steps.
         q, k, v = (
             x.view(T // c, c, B, H, N, D).permute(0, 2, 3, 1, 4, 5).reshape(T // c, B, H, c * N, D)

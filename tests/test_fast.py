@@ -431,6 +431,15 @@ def test_optimize_for_inference_pools_in_c_and_leaves_the_model_alone() -> None:
     assert (fast.pool.kernel_size, fast.pool.stride, fast.pool.padding) == (3, 2, 1)
 
 
+def test_optimize_for_inference_makes_the_attention_spike_driven() -> None:
+    model = SpikingModel()
+    model.statten = statten.SpatioTemporalAttention(2)
+    fast = optimize_for_inference(model, compile_kernels=False)
+    assert fast.statten.spike_driven_inference and not model.statten.spike_driven_inference
+    exact = optimize_for_inference(model, compile_kernels=False, spike_driven=False)
+    assert not exact.statten.spike_driven_inference
+
+
 @needs_c_compiler
 def test_native_kernels_write_in_place_only_when_allowed() -> None:
     x = torch.randn(4, 1000) * 2

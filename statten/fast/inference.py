@@ -1,5 +1,6 @@
 """Inference fast path: BatchNorm folded into convolutions, fused LIF kernels, channels-last, and
-on CPU spike-driven or exact-integer products of spikes and max pooling in C.
+on CPU spike-driven or exact-integer products of spikes, spike-driven attention and max pooling
+in C.
 
 Folding rounds differently from running conv and BatchNorm apart, and spike-driven or integer
 products add their terms in another order than a dense one, so a membrane potential that lands
@@ -18,7 +19,15 @@ from statten.fast.functions import use_fused_neurons
 from statten.fast.kernels import max_pool_values, use_compiled_kernels
 from statten.fast.spike_conv import integer_token_layers, spike_driven_convolutions, swap_layers
 
-__all__ = ["InferenceMaxPool2d", "fold_batchnorm", "optimize_for_inference"]
+__all__ = ["InferenceMaxPool2d", "SpikeDrivenInference", "fold_batchnorm", "optimize_for_inference"]
+
+
+class SpikeDrivenInference:
+    """Mixin of layers with a spike-driven inference path (e.g. STAtten's attention), which
+    :func:`optimize_for_inference` turns on: off by default, because its sums are added in
+    another order than the reference's dense products."""
+
+    spike_driven_inference: bool = False
 
 
 class InferenceMaxPool2d(nn.MaxPool2d):
@@ -66,7 +75,8 @@ def optimize_for_inference(
     BatchNorm is folded into the convolutions, LIF layers run the fused kernels of
     :mod:`statten.fast.kernels` (C on CPU; compiled with ``torch.compile`` elsewhere when
     ``compile_kernels``), max pooling of channels-last CPU tensors runs in C
-    (:class:`InferenceMaxPool2d`) and, with ``channels_last``, weights are laid out
+    (:class:`InferenceMaxPool2d`), layers with a spike-driven inference path
+    (:class:`SpikeDrivenInference`) take it, and, with ``channels_last``, weights are laid out
     channels-last (faster oneDNN convolutions on CPU, tensor cores on GPU; pass channels-last
     inputs too). With ``spike_driven``, weight layers fed spikes or spike counts on CPU take the
     fastest of their float32 product, the spike-driven sums (convolutions:
@@ -80,6 +90,9 @@ def optimize_for_inference(
     if spike_driven:
         spike_driven_convolutions(fast)
         integer_token_layers(fast)
+        for layer in fast.modules():
+            if isinstance(layer, SpikeDrivenInference):
+                layer.spike_driven_inference = True
     if channels_last:
         fast = fast.to(memory_format=torch.channels_last)
     return _inference_pools(fast)

@@ -477,3 +477,27 @@ def max_unpool(
     planes = grad_x.zero_().view(shape[0], shape[1], -1)
     planes.scatter_add_(2, indices.flatten(2).long(), grad_out.flatten(2))
     return grad_x
+
+
+COUNT_LIMIT = 1 << 24  # float32 holds every integer count up to here exactly
+
+
+def spike_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int, scale: float
+) -> torch.Tensor | None:
+    """STAtten's attention of spikes ``q, k, v [T, B, heads, N, d]`` through the C kernel
+    (:func:`~statten.fast.native.spatiotemporal_attention`; the output laid out so that merging
+    heads is a view); None where it does not run: not float32 on CPU, layouts the kernel does not
+    read, or values other than 0 and 1. ``T`` must be a multiple of ``chunk_size``."""
+    tokens, dim = q.shape[-2:]
+    if not (
+        _use_native
+        and all(x.device.type == "cpu" and x.dtype == torch.float32 for x in (q, k, v))
+        and q.stride() == k.stride() == v.stride()
+        and (q.stride(-1) == 1 or dim == 1)
+        and chunk_size * tokens < COUNT_LIMIT
+        and q.numel() > 0
+        and native.library() is not None
+    ):
+        return None
+    return native.spatiotemporal_attention(q, k, v, chunk_size, scale)

@@ -9,6 +9,8 @@
 - ``spike_conv.c``: convolution of 0/1 spikes that adds the weights of the inputs that spiked
   instead of multiplying every input, and its weight gradient, which adds output gradients the
   same way (spike-driven inference and training, ``benchmarks/spike_conv.py``).
+- ``attention.c``: STAtten's attention of 0/1 spikes, driven by the spikes the same way, reading
+  Q, K, V where they lie (spike-driven inference, ``benchmarks/spike_attention.py``).
 
 The library is cached under ``$STATTEN_CACHE`` (default ``~/.cache/statten``; the folder and
 the library must belong to the user and be writable by nobody else, or the torch operations are
@@ -47,11 +49,14 @@ __all__ = [
     "max_pool2d_channels_last",
     "max_unpool2d",
     "small_integer_bytes",
+    "spatiotemporal_attention",
     "spike_conv2d",
     "spike_conv2d_weight_grad",
 ]
 
-SOURCES = [Path(__file__).with_name(name) for name in ("lif.c", "pool.c", "spike_conv.c")]
+SOURCES = [
+    Path(__file__).with_name(name) for name in ("lif.c", "pool.c", "spike_conv.c", "attention.c")
+]
 HEADERS = [Path(__file__).with_name("parallel.h")]
 FLAGS = ["-O3", "-ffp-contract=off", "-shared", "-fPIC", "-pthread"]
 NATIVE_FLAGS = ["-march=native"]  # dropped if the compiler refuses it
@@ -126,6 +131,9 @@ def _bind(path: Path) -> ctypes.CDLL:
     ]  # fmt: skip
     lib.statten_small_integer_bytes.argtypes = [ptr, ptr, i64, i32]
     lib.statten_small_integer_bytes.restype = i64
+    lib.statten_spatiotemporal_attention.argtypes = [
+        ptr, ptr, ptr, ptr, ptr, ptr, *[i64] * 6, f32, i32
+    ]  # fmt: skip
     return lib
 
 
@@ -400,3 +408,24 @@ def small_integer_bytes(x: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
     if bits_or == -2:
         raise MemoryError("statten: out of memory converting a tensor to bytes")
     return None if bits_or < 0 else (out, bits_or <= 1)
+
+
+def spatiotemporal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int, scale: float
+) -> torch.Tensor | None:
+    """STAtten's block-wise attention (``attention.c``) of 0/1 ``q, k, v [T, B, heads, N, d]``:
+    float32 on CPU, one set of strides for the three, unit stride on ``d``, ``T`` a multiple of
+    ``chunk_size``. The output ``[T, B, heads, N, d]`` is laid out ``[T, B, N, heads, d]`` in
+    memory, so that merging its heads into channels is a view. None when q, k or v holds another
+    value than 0 and 1."""
+    steps, batch, heads, tokens, dim = q.shape
+    out = torch.empty(steps, batch, tokens, heads, dim).transpose(2, 3)
+    with record_function("statten::spatiotemporal_attention"):
+        status = library().statten_spatiotemporal_attention(
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), (ctypes.c_int64 * 4)(*q.stride()[:4]),
+            out.data_ptr(), (ctypes.c_int64 * 4)(*out.stride()[:4]), steps, batch, heads, tokens,
+            dim, chunk_size, scale, torch.get_num_threads(),
+        )  # fmt: skip
+    if status < 0:
+        raise MemoryError("statten: out of memory in the spike attention")
+    return out if status == 0 else None
