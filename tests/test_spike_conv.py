@@ -18,8 +18,14 @@ from statten.engine.losses import time_averaged
 from statten.fast import native
 from statten.fast.spike_conv import SpikeConv2d
 
-SHAPES = [(3, (16, 32), 9, 0.1), (1, (48, 80), 5, 0.3), (3, (3, 144), 1, 0.7), (3, (5, 16), 2, 1.0)]
-# the last two: all taps but the centre, or half of them, fall in the padding
+SHAPES = [
+    (3, (16, 32), 9, 0.1),
+    (1, (48, 80), 5, 0.3),
+    (3, (70, 128), 5, 0.2),  # spike bits in two words, the second partial; 8-vector tiles
+    (1, (130, 48), 4, 0.3),
+    (3, (3, 144), 1, 0.7),  # all taps but the centre fall in the padding
+    (3, (5, 16), 2, 1.0),  # half of the taps fall in the padding
+]
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 

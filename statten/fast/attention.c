@@ -21,15 +21,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
-
 #include "parallel.h"
-
-typedef uint32_t alias_bits __attribute__((may_alias));
-
-#define ONE_BITS 0x3f800000u /* 1.0f */
+#include "spike_bits.h"
 
 /* Output columns are accumulated 16 at a time in vector registers (GCC/clang vector types: one
  * AVX-512 register, or two AVX2 / four SSE ones), up to TILE_VECS vectors per pass. */
@@ -51,39 +44,24 @@ typedef struct {
     volatile int status; /* 0, 1: an input held another value than 0 and 1, -1: no memory */
 } Attention;
 
-/* Whether row[0, d) holds a value other than 0 and 1, compared by bits (-0 and NaN are other). */
-static int not_spikes(const float *row, int64_t d) {
-    const alias_bits *bits = (const alias_bits *)row;
-    int other = 0;
-    for (int64_t j = 0; j < d; j++) other |= (bits[j] != 0) & (bits[j] != ONE_BITS);
-    return other;
-}
-
-/* Bit i of the result: whether row[i] != 0, for i < count <= 64 (AVX-512 compares 16 at a time
- * where the compiler targets it). */
-static uint64_t nonzero_bits(const float *row, int64_t count) {
-    uint64_t bits = 0;
-    int64_t i = 0;
-#ifdef __AVX512F__
-    for (; i + 16 <= count; i += 16) {
-        const __mmask16 m = _mm512_cmp_ps_mask(_mm512_loadu_ps(row + i), _mm512_setzero_ps(),
-                                               _CMP_NEQ_UQ);
-        bits |= (uint64_t)m << i;
-    }
-#endif
-    for (; i < count; i++) bits |= (uint64_t)(row[i] != 0.0f) << i;
-    return bits;
-}
-
-/* The channels i < d at which row[i] != 0, in increasing order, into idx; returns how many (the
- * work is proportional to the spikes, found 64 channels at a time as bits). */
+/* The channels i < d at which row[i] != 0, in increasing order, into idx; returns how many, or
+ * -1 if the row holds a value other than 0 and 1. */
 static int64_t spike_channels(const float *row, int64_t d, int32_t *idx) {
     int64_t m = 0;
+    uint64_t other = 0;
     for (int64_t base = 0; base < d; base += 64)
-        for (uint64_t bits = nonzero_bits(row + base, d - base < 64 ? d - base : 64); bits;
+        for (uint64_t bits = spike_bits(row + base, d - base < 64 ? d - base : 64, &other); bits;
              bits &= bits - 1)
             idx[m++] = (int32_t)(base + __builtin_ctzll(bits));
-    return m;
+    return other ? -1 : m;
+}
+
+/* Whether row[0, d) holds a value other than 0 and 1. */
+static int not_spikes(const float *row, int64_t d) {
+    uint64_t other = 0;
+    for (int64_t base = 0; base < d; base += 64)
+        spike_bits(row + base, d - base < 64 ? d - base : 64, &other);
+    return other != 0;
 }
 
 /* Columns [j, j + LANES nv) of: out = the sum of the rows idx[0, m) of the [., d] matrix
@@ -137,8 +115,9 @@ static int block_kv(const Attention *a, int64_t t0, int64_t b, int64_t h, float 
         for (int64_t n = 0; n < a->tokens; n++) {
             const int64_t at = t * a->in.step + b * a->in.batch + h * a->in.head + n * a->in.token;
             const float *k = a->k + at, *v = a->v + at;
-            if (not_spikes(k, d) || not_spikes(v, d)) return 1;
-            add_to_rows(kv, v, idx, spike_channels(k, d, idx), d);
+            const int64_t m = spike_channels(k, d, idx);
+            if (m < 0 || not_spikes(v, d)) return 1;
+            add_to_rows(kv, v, idx, m, d);
         }
     for (int64_t i = 0; i < d * d; i++) kv[i] *= a->scale;
     return 0;
@@ -154,8 +133,9 @@ static int block_out(const Attention *a, int64_t t0, int64_t b, int64_t h, const
                              n * a->in.token;
             float *out = a->out + t * a->os.step + b * a->os.batch + h * a->os.head +
                          n * a->os.token;
-            if (not_spikes(q, d)) return 1;
-            sum_rows(out, kv, idx, spike_channels(q, d, idx), d);
+            const int64_t m = spike_channels(q, d, idx);
+            if (m < 0) return 1;
+            sum_rows(out, kv, idx, m, d);
         }
     return 0;
 }

@@ -57,7 +57,7 @@ __all__ = [
 SOURCES = [
     Path(__file__).with_name(name) for name in ("lif.c", "pool.c", "spike_conv.c", "attention.c")
 ]
-HEADERS = [Path(__file__).with_name("parallel.h")]
+HEADERS = [Path(__file__).with_name(name) for name in ("parallel.h", "spike_bits.h")]
 FLAGS = ["-O3", "-ffp-contract=off", "-shared", "-fPIC", "-pthread"]
 NATIVE_FLAGS = ["-march=native"]  # dropped if the compiler refuses it
 LIBRARIES = ["-lm"]

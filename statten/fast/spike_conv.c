@@ -19,14 +19,21 @@
 #include <string.h>
 
 #include "parallel.h"
+#include "spike_bits.h"
 
 /* Output channels are accumulated 16 at a time in vector registers (GCC/clang vector types: one
- * AVX-512 register, or two AVX2 / four SSE ones), up to VECS vectors per pass (4 beat 8 and 2
- * on the CIFAR-10 2-512 layers on a Sapphire Rapids Xeon: benchmarks/spike_conv.py). */
+ * AVX-512 register, or two AVX2 / four SSE ones): the weight gradient VECS vectors per pass (4
+ * beat 8 and 2 on the CIFAR-10 2-512 layers on a Sapphire Rapids Xeon), the output up to
+ * OUTPUT_VECS, as many as keep a tile's weights (kh kw cin of its rows) within TILE_BYTES, so
+ * that they stay in L2 while the output rows sweep over them (8 vectors beat 4 by 15-25 % on the
+ * 32x32 patch stages, whose tiles are 0.3-0.6 MB, and lose by 50 % where they would be 1.2-2.4
+ * MB: benchmarks/spike_conv.py). */
 typedef float vec __attribute__((vector_size(64)));
 typedef float unaligned_vec __attribute__((vector_size(64), aligned(4)));
 #define LANES 16
 #define VECS 4
+#define OUTPUT_VECS 8
+#define TILE_BYTES (640 * 1024)
 
 /* Output columns handled per pass when the output is not channels-last: their results are
  * gathered in a buffer and written one channel at a time. */
@@ -47,6 +54,7 @@ typedef struct {
     int64_t n, h, w, cin, cout, kh, kw, pad, oh, ow;
     int64_t *offsets; /* spikes of position p: channels[offsets[p] .. offsets[p + 1]) */
     int32_t *channels;
+    uint64_t *masks; /* while listing: the spiking channels of each position as bits */
 } Conv;
 
 /* Input positions are scanned in blocks, channel by channel, so that both layouts read memory
@@ -62,36 +70,51 @@ static void scan_bases(const Conv *c, int64_t start, int64_t m, const float **ba
     }
 }
 
-/* Spikes per input position, or -1 for a position holding a value other than 0 and 1. */
-static void count_range(void *arg, int64_t begin, int64_t end) {
+/* The spiking channels of each input position as bits (c->masks: `words` words per position),
+ * read once from x: each channels-last position's channels 64 at a time (contiguous), or
+ * contiguous-layout positions SCAN at a time, channel by channel. c->offsets[p + 1] gets the
+ * number of spikes at p, or -1 where p holds a value other than 0 and 1. */
+static void mask_range(void *arg, int64_t begin, int64_t end) {
     const Conv *c = arg;
+    const int64_t words = (c->cin + 63) / 64;
     for (int64_t start = begin; start < end; start += SCAN) {
         const int64_t m = end - start < SCAN ? end - start : SCAN;
-        int64_t spikes[SCAN] = {0}, other[SCAN] = {0};
+        uint64_t *masks = c->masks + start * words, other[SCAN] = {0};
         const float *base[SCAN];
         scan_bases(c, start, m, base);
-        for (int64_t i = 0; i < c->cin; i++) {
-            for (int64_t j = 0; j < m; j++) {
-                const float v = base[j][i * c->xs.channel];
-                spikes[j] += v == 1.0f;
-                other[j] += v != 1.0f && v != 0.0f;
-            }
+        if (c->xs.channel == 1) {
+            for (int64_t j = 0; j < m; j++)
+                for (int64_t k = 0; k < words; k++) {
+                    const int64_t count = c->cin - 64 * k < 64 ? c->cin - 64 * k : 64;
+                    masks[j * words + k] = spike_bits(base[j] + 64 * k, count, &other[j]);
+                }
+        } else {
+            memset(masks, 0, m * words * sizeof(uint64_t));
+            for (int64_t i = 0; i < c->cin; i++)
+                for (int64_t j = 0; j < m; j++) {
+                    const float v = base[j][i * c->xs.channel];
+                    const uint64_t nonzero = v != 0.0f;
+                    masks[j * words + i / 64] |= nonzero << (i % 64);
+                    other[j] |= nonzero & (v != 1.0f);
+                }
         }
-        for (int64_t j = 0; j < m; j++) c->offsets[start + j + 1] = other[j] ? -1 : spikes[j];
+        for (int64_t j = 0; j < m; j++) {
+            int64_t spikes = 0;
+            for (int64_t k = 0; k < words; k++) spikes += __builtin_popcountll(masks[j * words + k]);
+            c->offsets[start + j + 1] = other[j] ? -1 : spikes;
+        }
     }
 }
 
+/* The channel lists of positions [begin, end), from their bits. */
 static void list_range(void *arg, int64_t begin, int64_t end) {
     const Conv *c = arg;
-    for (int64_t start = begin; start < end; start += SCAN) {
-        const int64_t m = end - start < SCAN ? end - start : SCAN;
-        int32_t *next[SCAN];
-        const float *base[SCAN];
-        scan_bases(c, start, m, base);
-        for (int64_t j = 0; j < m; j++) next[j] = c->channels + c->offsets[start + j];
-        for (int64_t i = 0; i < c->cin; i++)
-            for (int64_t j = 0; j < m; j++)
-                if (base[j][i * c->xs.channel] != 0.0f) *next[j]++ = (int32_t)i;
+    const int64_t words = (c->cin + 63) / 64;
+    for (int64_t p = begin; p < end; p++) {
+        int32_t *next = c->channels + c->offsets[p];
+        for (int64_t k = 0; k < words; k++)
+            for (uint64_t bits = c->masks[p * words + k]; bits; bits &= bits - 1)
+                *next++ = (int32_t)(64 * k + __builtin_ctzll(bits));
     }
 }
 
@@ -100,7 +123,7 @@ static void list_range(void *arg, int64_t begin, int64_t end) {
 static inline __attribute__((always_inline)) void output_tile(const Conv *c, int64_t image,
                                                               int64_t oy, int64_t ox, int64_t c0,
                                                               float *out, const int V) {
-    vec acc[VECS];
+    vec acc[OUTPUT_VECS];
     for (int v = 0; v < V; v++)
         acc[v] = c->bias ? *(const unaligned_vec *)(c->bias + c0 + v * LANES) : (vec){0};
     for (int64_t ky = 0; ky < c->kh; ky++) {
@@ -126,7 +149,7 @@ static inline __attribute__((always_inline)) void output_tile(const Conv *c, int
 static inline __attribute__((always_inline)) void channel_tile(const Conv *c, int64_t begin,
                                                                int64_t end, int64_t c0,
                                                                const int V) {
-    float buffer[COLUMNS * VECS * LANES];
+    float buffer[COLUMNS * OUTPUT_VECS * LANES];
     for (int64_t row = begin; row < end; row++) {
         const int64_t image = row / c->oh, oy = row % c->oh;
         float *out = c->out + image * c->os.image + c0 * c->os.channel;
@@ -152,7 +175,11 @@ static inline __attribute__((always_inline)) void channel_tile(const Conv *c, in
  * so that the tile's weights stay in cache while the rows sweep over them. */
 static void conv_range(void *arg, int64_t begin, int64_t end) {
     const Conv *c = arg;
+    const int64_t row_bytes = c->kh * c->kw * c->cin * LANES * (int64_t)sizeof(float);
     int64_t c0 = 0;
+    if (OUTPUT_VECS * row_bytes <= TILE_BYTES)
+        for (; c0 + OUTPUT_VECS * LANES <= c->cout; c0 += OUTPUT_VECS * LANES)
+            channel_tile(c, begin, end, c0, OUTPUT_VECS);
     for (; c0 + VECS * LANES <= c->cout; c0 += VECS * LANES) channel_tile(c, begin, end, c0, VECS);
     for (; c0 < c->cout; c0 += LANES) channel_tile(c, begin, end, c0, 1);
 }
@@ -190,28 +217,24 @@ static int list_spikes(Conv *c, double max_density, int threads) {
     const int sampled = sampled_status(c, max_density);
     if (sampled) return sampled;
     c->offsets = malloc((positions + 1) * sizeof(int64_t));
-    if (!c->offsets) return -1;
-    parallel_for(count_range, c, positions, 256, threads);
-    c->offsets[0] = 0;
-    for (int64_t p = 0; p < positions; p++) {
-        if (c->offsets[p + 1] < 0) {
-            free(c->offsets);
-            return 1;
-        }
-        c->offsets[p + 1] += c->offsets[p];
+    c->masks = malloc(positions * ((c->cin + 63) / 64) * sizeof(uint64_t));
+    int status = c->offsets && c->masks ? 0 : -1;
+    if (status == 0) parallel_for(mask_range, c, positions, 256, threads);
+    for (int64_t p = 0; p < positions && status == 0; p++) {
+        if (c->offsets[p + 1] < 0) status = 1;
+        else c->offsets[p + 1] += p ? c->offsets[p] : 0;
     }
-    const int64_t spikes = c->offsets[positions];
-    if ((double)spikes > max_density * (double)(positions * c->cin)) {
-        free(c->offsets);
-        return 2;
+    const int64_t spikes = status == 0 ? c->offsets[positions] : 0;
+    if (status == 0 && (double)spikes > max_density * (double)(positions * c->cin)) status = 2;
+    if (status == 0) c->channels = malloc((spikes > 0 ? spikes : 1) * sizeof(int32_t));
+    if (status == 0 && !c->channels) status = -1;
+    if (status == 0) {
+        c->offsets[0] = 0;
+        parallel_for(list_range, c, positions, 256, threads);
     }
-    c->channels = malloc((spikes > 0 ? spikes : 1) * sizeof(int32_t));
-    if (!c->channels) {
-        free(c->offsets);
-        return -1;
-    }
-    parallel_for(list_range, c, positions, 256, threads);
-    return 0;
+    free(c->masks);
+    if (status) free(c->offsets);
+    return status;
 }
 
 /*
@@ -243,7 +266,7 @@ int statten_spike_conv2d(const float *x, const int64_t *x_strides, int64_t n, in
  * tap, kh * kw * cin * V * 64 bytes, stay in L2). */
 static inline __attribute__((always_inline)) void weight_grad_tile(const Conv *c, int64_t c0,
                                                                    const int V) {
-    float buffer[COLUMNS * VECS * LANES];
+    float buffer[COLUMNS * OUTPUT_VECS * LANES];
     for (int64_t image = 0; image < c->n; image++) {
         const float *grad = c->grad_out + image * c->os.image + c0 * c->os.channel;
         for (int64_t oy = 0; oy < c->oh; oy++) {
