@@ -69,8 +69,10 @@ static int not_spikes(const float *row, int64_t d) {
 static inline __attribute__((always_inline)) void sum_rows_tile(
     float *out, const float *rows, const int32_t *idx, int64_t m, int64_t d, int64_t j, int nv) {
     vec acc[TILE_VECS] = {0};
-    for (int64_t s = 0; s < m; s++)
-        for (int g = 0; g < nv; g++) acc[g] += *(const unaligned_vec *)(rows + idx[s] * d + j + g * LANES);
+    for (int64_t s = 0; s < m; s++) {
+        const float *row = rows + idx[s] * d + j;
+        for (int g = 0; g < nv; g++) acc[g] += *(const unaligned_vec *)(row + g * LANES);
+    }
     for (int g = 0; g < nv; g++) *(unaligned_vec *)(out + j + g * LANES) = acc[g];
 }
 
@@ -79,8 +81,10 @@ static inline __attribute__((always_inline)) void add_to_rows_tile(
     float *rows, const float *x, const int32_t *idx, int64_t m, int64_t d, int64_t j, int nv) {
     vec add[TILE_VECS];
     for (int g = 0; g < nv; g++) add[g] = *(const unaligned_vec *)(x + j + g * LANES);
-    for (int64_t s = 0; s < m; s++)
-        for (int g = 0; g < nv; g++) *(unaligned_vec *)(rows + idx[s] * d + j + g * LANES) += add[g];
+    for (int64_t s = 0; s < m; s++) {
+        float *row = rows + idx[s] * d + j;
+        for (int g = 0; g < nv; g++) *(unaligned_vec *)(row + g * LANES) += add[g];
+    }
 }
 
 /* out[0, d) = the sum of the rows idx[0, m) of the [d, d] matrix `rows`, in that order. */

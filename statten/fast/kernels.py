@@ -125,7 +125,8 @@ def compiled_kernels_enabled() -> bool:
 
 
 def use_native_kernels(enabled: bool = True) -> None:
-    """Run the LIF kernels on CPU as the C loops of ``lif.c`` (the default) or not."""
+    """Run the CPU kernels of :mod:`statten.fast.native` where they apply (the default: LIF
+    loops, max pooling, spike-driven attention) or torch operations instead."""
     global _use_native
     _use_native = enabled
 

@@ -100,7 +100,8 @@ static void mask_range(void *arg, int64_t begin, int64_t end) {
         }
         for (int64_t j = 0; j < m; j++) {
             int64_t spikes = 0;
-            for (int64_t k = 0; k < words; k++) spikes += __builtin_popcountll(masks[j * words + k]);
+            for (int64_t k = 0; k < words; k++)
+                spikes += __builtin_popcountll(masks[j * words + k]);
             c->offsets[start + j + 1] = other[j] ? -1 : spikes;
         }
     }
