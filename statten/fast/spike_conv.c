@@ -55,6 +55,7 @@ typedef struct {
     int64_t *offsets; /* spikes of position p: channels[offsets[p] .. offsets[p + 1]) */
     int32_t *channels;
     uint64_t *masks; /* while listing: the spiking channels of each position as bits */
+    volatile int other_found; /* while listing: a position held another value than 0 and 1 */
 } Conv;
 
 /* Input positions are scanned in blocks, channel by channel, so that both layouts read memory
@@ -75,9 +76,9 @@ static void scan_bases(const Conv *c, int64_t start, int64_t m, const float **ba
  * contiguous-layout positions SCAN at a time, channel by channel. c->offsets[p + 1] gets the
  * number of spikes at p, or -1 where p holds a value other than 0 and 1. */
 static void mask_range(void *arg, int64_t begin, int64_t end) {
-    const Conv *c = arg;
+    Conv *c = arg;
     const int64_t words = (c->cin + 63) / 64;
-    for (int64_t start = begin; start < end; start += SCAN) {
+    for (int64_t start = begin; start < end && !c->other_found; start += SCAN) {
         const int64_t m = end - start < SCAN ? end - start : SCAN;
         uint64_t *masks = c->masks + start * words, other[SCAN] = {0};
         const float *base[SCAN];
@@ -103,6 +104,7 @@ static void mask_range(void *arg, int64_t begin, int64_t end) {
             for (int64_t k = 0; k < words; k++)
                 spikes += __builtin_popcountll(masks[j * words + k]);
             c->offsets[start + j + 1] = other[j] ? -1 : spikes;
+            if (other[j]) c->other_found = 1;
         }
     }
 }
@@ -188,13 +190,17 @@ static void conv_range(void *arg, int64_t begin, int64_t end) {
 /* A layer whose input is far denser than its crossover would read all of it only to decline:
  * one block of SCAN positions in every SAMPLE is read first, and an input that is not 0/1 there
  * (status 1), or that has more than SAMPLE_MARGIN times max_density ones there (status 2), is
- * declined on that. Inputs with fewer than SAMPLE blocks are not sampled. */
+ * declined on that. Inputs with fewer than SAMPLED_BLOCKS such blocks (2048 positions) are not
+ * sampled; the full pass stops at the first block holding another value than 0 and 1. (A
+ * threshold of 16 blocks let the 8x8 layers of CIFAR-10 2-512, 4096 positions, read all of their
+ * input before declining: 12 declines, 16 ms a fast inference pass.) */
 #define SAMPLE 16
+#define SAMPLED_BLOCKS 2
 #define SAMPLE_MARGIN 1.25
 
 static int sampled_status(const Conv *c, double max_density) {
     const int64_t positions = c->n * c->h * c->w;
-    if (positions < SCAN * SAMPLE * SAMPLE) return 0;
+    if (positions < SCAN * SAMPLE * SAMPLED_BLOCKS) return 0;
     int64_t spikes = 0, seen = 0;
     const float *base[SCAN];
     for (int64_t start = 0; start + SCAN <= positions; start += SCAN * SAMPLE) {
@@ -221,6 +227,7 @@ static int list_spikes(Conv *c, double max_density, int threads) {
     c->masks = malloc(positions * ((c->cin + 63) / 64) * sizeof(uint64_t));
     int status = c->offsets && c->masks ? 0 : -1;
     if (status == 0) parallel_for(mask_range, c, positions, 256, threads);
+    if (status == 0 && c->other_found) status = 1;
     for (int64_t p = 0; p < positions && status == 0; p++) {
         if (c->offsets[p + 1] < 0) status = 1;
         else c->offsets[p + 1] += p ? c->offsets[p] : 0;
