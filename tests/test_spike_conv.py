@@ -16,7 +16,7 @@ import statten
 from statten.config import model_config, parse_config
 from statten.engine.losses import time_averaged
 from statten.fast import native
-from statten.fast.spike_conv import SpikeConv2d
+from statten.fast.spike_conv import DECLINED_CALLS_SKIPPED, SpikeConv2d
 
 SHAPES = [
     (3, (16, 32), 9, 0.1),
@@ -92,6 +92,22 @@ def test_spike_conv_measures_its_crossover_on_its_first_spikes() -> None:
     assert calls == [False, True, True, True, below]
     torch.testing.assert_close(first, conv(x), rtol=0, atol=1e-6)
     assert not below or torch.equal(first, second)
+
+
+@needs_c_compiler
+def test_spike_conv_skips_the_kernel_for_a_while_after_a_declined_input() -> None:
+    torch.manual_seed(0)
+    spike_conv = SpikeConv2d(16, 32, 3, padding=1, max_density=0.3)
+    sparse, dense = ((torch.rand(2, 16, 6, 6) < p).float() for p in (0.1, 0.6))
+    calls = []
+    with torch.inference_mode(), _counting_spike_convs(calls):
+        spike_conv(dense)  # declined: above max_density
+        skipped = [spike_conv(sparse) for _ in range(DECLINED_CALLS_SKIPPED)]
+        asked_again = spike_conv(sparse)
+    assert calls == [False, True]
+    expected = spike_conv.to_conv()(sparse)
+    for out in (*skipped, asked_again):
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
 
 
 @contextlib.contextmanager
