@@ -16,7 +16,11 @@ import statten
 from statten.config import model_config, parse_config
 from statten.engine.losses import time_averaged
 from statten.fast import native
+from statten.fast.functions import use_fused_neurons
+from statten.fast.kernels import lif_spikes
 from statten.fast.spike_conv import DECLINED_CALLS_SKIPPED, SpikeConv2d
+from statten.layers import conv_bn_lif
+from statten.neurons import LIF
 
 SHAPES = [
     (3, (16, 32), 9, 0.1),
@@ -108,6 +112,57 @@ def test_spike_conv_skips_the_kernel_for_a_while_after_a_declined_input() -> Non
     expected = spike_conv.to_conv()(sparse)
     for out in (*skipped, asked_again):
         torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+
+
+@needs_c_compiler
+@pytest.mark.parametrize(("kernel", "channels", "size", "density"), SHAPES)
+def test_spike_conv_forms_the_lif_spikes_of_its_output_in_its_kernel(
+    kernel: int, channels: tuple[int, int], size: int, density: float
+) -> None:
+    """Bit for bit the LIF kernels' spikes of the spike-driven output, over time-major images."""
+    torch.manual_seed(0)
+    spike_conv = SpikeConv2d(*channels, kernel, padding=kernel // 2, max_density=1.0)
+    x = (torch.rand(4 * 2, channels[0], size, size) < density).float()
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        out = spike_conv(x)
+        spikes = spike_conv.lif_spikes(x, 4, 0.5, 2.0)
+        expected = lif_spikes(out.unflatten(0, (4, 2)), 0.5, 2.0).flatten(0, 1)
+    assert spikes is not None and torch.equal(spikes, expected)
+    assert spikes.is_contiguous(memory_format=torch.channels_last)
+
+
+@needs_c_compiler
+def test_spike_conv_leaves_the_lif_to_its_caller_off_its_spike_driven_path() -> None:
+    torch.manual_seed(0)
+    spike_conv = SpikeConv2d(16, 32, 3, padding=1)
+    x = (torch.rand(4, 16, 6, 6) < 0.1).float().contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        assert spike_conv.lif_spikes(x, 2, 1.0, 2.0) is None  # crossover not measured yet
+        spike_conv.max_density = 0.3
+        assert spike_conv.lif_spikes(x.contiguous(), 2, 1.0, 2.0) is None  # not channels-last
+        assert spike_conv.lif_spikes((x + 1) / 2, 2, 1.0, 2.0) is None  # not spikes: declined
+        assert spike_conv._dense_calls_left == DECLINED_CALLS_SKIPPED + 1
+    assert spike_conv.lif_spikes(x, 2, 1.0, 2.0) is None  # under autograd
+
+
+@needs_c_compiler
+def test_fast_inference_conv_lif_layers_form_their_spikes_in_the_spike_conv() -> None:
+    torch.manual_seed(0)
+    conv = SpikeConv2d(16, 32, 3, padding=1, max_density=1.0)
+    lif = LIF(0.5)
+    use_fused_neurons(lif, True)
+    x = (torch.rand(4, 2, 16, 6, 6) < 0.2).float()
+    x = x.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, (4, 2))
+    formed, real = [], conv.lif_spikes
+    conv.lif_spikes = lambda *args: formed.append(real(*args)) or formed[-1]
+    with torch.inference_mode():
+        fused = conv_bn_lif(conv, torch.nn.Identity(), lif, x)
+        handle = conv.register_forward_hook(lambda *args: None)  # a hook sees the conv output
+        separate = conv_bn_lif(conv, torch.nn.Identity(), lif, x)
+        handle.remove()
+    assert len(formed) == 1 and formed[0] is not None  # the hooked call ran conv, then LIF
+    assert torch.equal(fused, separate)
 
 
 @contextlib.contextmanager

@@ -204,10 +204,17 @@ def fused_conv_bn_lif(
     the gradient of the full-size spikes only while it needs it.
     """
     if not _fusable(conv, bn, x):
-        y = bn(conv(x.flatten(0, 1)))
-        # y is this layer's own temporary unless a hook kept it: the spikes may overwrite it
+        # conv's output is this layer's own temporary unless a hook sees it: the spikes may be
+        # formed inside a spike-driven conv, or else overwrite its output
         owned = not any(m._forward_hooks for m in (conv, bn)) and not _global_forward_hooks
-        spikes = fused_lif(y.unflatten(0, x.shape[:2]), *neuron, overwrite_input=owned)
+        spikes = None
+        if owned and isinstance(conv, SpikeConv2d) and isinstance(bn, nn.Identity):
+            spikes = conv.lif_spikes(x.flatten(0, 1), x.shape[0], *neuron[:2])
+        if spikes is None:
+            y = bn(conv(x.flatten(0, 1)))
+            spikes = fused_lif(y.unflatten(0, x.shape[:2]), *neuron, overwrite_input=owned)
+        else:
+            spikes = spikes.unflatten(0, x.shape[:2])
         if pool is None:
             return spikes
         return mark_spikes(max_pool(pool, spikes.flatten(0, 1)).unflatten(0, x.shape[:2]))

@@ -30,6 +30,7 @@
  * MB: benchmarks/spike_conv.py). */
 typedef float vec __attribute__((vector_size(64)));
 typedef float unaligned_vec __attribute__((vector_size(64), aligned(4)));
+typedef int32_t ivec __attribute__((vector_size(64)));
 #define LANES 16
 #define VECS 4
 #define OUTPUT_VECS 8
@@ -56,6 +57,8 @@ typedef struct {
     int32_t *channels;
     uint64_t *masks; /* while listing: the spiking channels of each position as bits */
     volatile int other_found; /* while listing: a position held another value than 0 and 1 */
+    int64_t steps; /* > 0: the output is the spikes of a LIF over the images t * n / steps + b */
+    float v_threshold, tau;
 } Conv;
 
 /* Input positions are scanned in blocks, channel by channel, so that both layouts read memory
@@ -174,6 +177,53 @@ static inline __attribute__((always_inline)) void channel_tile(const Conv *c, in
     }
 }
 
+/* One LIF step on 16 potentials v fed x, as lif.c's spikes_range computes it (the same IEEE
+ * operations in the same order): H = V + (X - V) / tau, spike where H >= v_th, V = 0 there and
+ * H elsewhere. Returns the spikes. */
+static inline vec lif_step(vec x, vec *v, float tau, float v_threshold) {
+    const vec h = *v + (x - *v) / tau;
+    const ivec fire = h >= v_threshold;
+    *v = (vec)((ivec)h & ~fire);
+    return (vec)((ivec)((vec){0} + 1.0f) & fire);
+}
+
+/* As channel_tile, for a channels-last output that is to be the spikes of a LIF over the steps
+ * images t * batch + b of each position (rows [begin, end) of the batch * oh rows): each tile's
+ * sums, still in L1, are replaced by its spikes as soon as they are in, instead of in a second
+ * pass over the whole output. */
+static inline __attribute__((always_inline)) void lif_channel_tile(const Conv *c, int64_t begin,
+                                                                   int64_t end, int64_t c0,
+                                                                   const int V) {
+    const int64_t batch = c->n / c->steps;
+    for (int64_t row = begin; row < end; row++) {
+        const int64_t b = row / c->oh, oy = row % c->oh;
+        for (int64_t ox = 0; ox < c->ow; ox++) {
+            vec v[OUTPUT_VECS];
+            for (int g = 0; g < V; g++) v[g] = (vec){0};
+            for (int64_t t = 0; t < c->steps; t++) {
+                const int64_t image = t * batch + b;
+                float *out =
+                    c->out + image * c->os.image + (oy * c->ow + ox) * c->os.position + c0;
+                output_tile(c, image, oy, ox, c0, out, V);
+                for (int g = 0; g < V; g++) {
+                    unaligned_vec *sums = (unaligned_vec *)(out + g * LANES);
+                    *sums = lif_step(*sums, &v[g], c->tau, c->v_threshold);
+                }
+            }
+        }
+    }
+}
+
+/* Output channels [c0, c0 + V * LANES) of output rows [begin, end): the sums, or their spikes. */
+static inline __attribute__((always_inline)) void output_channels(const Conv *c, int64_t begin,
+                                                                  int64_t end, int64_t c0,
+                                                                  const int V) {
+    if (c->steps)
+        lif_channel_tile(c, begin, end, c0, V);
+    else
+        channel_tile(c, begin, end, c0, V);
+}
+
 /* Output rows [begin, end) (cout is a multiple of LANES), one tile of output channels at a time
  * so that the tile's weights stay in cache while the rows sweep over them. */
 static void conv_range(void *arg, int64_t begin, int64_t end) {
@@ -182,9 +232,10 @@ static void conv_range(void *arg, int64_t begin, int64_t end) {
     int64_t c0 = 0;
     if (OUTPUT_VECS * row_bytes <= TILE_BYTES)
         for (; c0 + OUTPUT_VECS * LANES <= c->cout; c0 += OUTPUT_VECS * LANES)
-            channel_tile(c, begin, end, c0, OUTPUT_VECS);
-    for (; c0 + VECS * LANES <= c->cout; c0 += VECS * LANES) channel_tile(c, begin, end, c0, VECS);
-    for (; c0 < c->cout; c0 += LANES) channel_tile(c, begin, end, c0, 1);
+            output_channels(c, begin, end, c0, OUTPUT_VECS);
+    for (; c0 + VECS * LANES <= c->cout; c0 += VECS * LANES)
+        output_channels(c, begin, end, c0, VECS);
+    for (; c0 < c->cout; c0 += LANES) output_channels(c, begin, end, c0, 1);
 }
 
 /* A layer whose input is far denser than its crossover would read all of it only to decline:
@@ -247,22 +298,29 @@ static int list_spikes(Conv *c, double max_density, int threads) {
 
 /*
  * out = conv2d(x, weight) + bias; x and out each contiguous or channels-last (their strides as
- * [image, channel, position]). Returns 0 when done, 1 (out untouched) when x holds a value other
- * than 0 and 1, 2 when more than max_density of x is 1 (the dense convolution is then faster),
- * 3 when cout is not a multiple of 16, -1 when out of memory.
+ * [image, channel, position]). With steps > 0 (n a multiple of it, out channels-last), out is
+ * instead the spikes of a LIF (tau, v_threshold, hard reset to 0) fed that output over the
+ * images t * n / steps + b, t = 0 .. steps - 1, of each b: bit for bit lif.c's spikes of the
+ * output. Returns 0 when done, 1 (out untouched) when x holds a value other than 0 and 1, 2
+ * when more than max_density of x is 1 (the dense convolution is then faster), 3 when cout is
+ * not a multiple of 16 or the LIF's layout does not hold, -1 when out of memory.
  */
 int statten_spike_conv2d(const float *x, const int64_t *x_strides, int64_t n, int64_t h,
                          int64_t w, int64_t cin, const float *weight, const float *bias,
                          int64_t cout, int64_t kh, int64_t kw, int64_t pad, float *out,
-                         const int64_t *out_strides, double max_density, int threads) {
-    if (cout % LANES) return 3;
+                         const int64_t *out_strides, double max_density, int64_t steps,
+                         float v_threshold, float tau, int threads) {
+    if (cout % LANES || (steps && (n % steps || out_strides[1] != 1))) return 3;
     Conv c = {x, weight, bias, out, 0,
               {x_strides[0], x_strides[1], x_strides[2]},
               {out_strides[0], out_strides[1], out_strides[2]},
               n, h, w, cin, cout, kh, kw, pad, h + 2 * pad - kh + 1, w + 2 * pad - kw + 1, 0, 0};
+    c.steps = steps;
+    c.v_threshold = v_threshold;
+    c.tau = tau;
     const int status = list_spikes(&c, max_density, threads);
     if (status) return status;
-    parallel_for(conv_range, &c, n * c.oh, 1, threads);
+    parallel_for(conv_range, &c, (steps ? n / steps : n) * c.oh, 1, threads);
     free(c.channels);
     free(c.offsets);
     return 0;

@@ -162,6 +162,30 @@ class SpikeConv2d(_IntegerProducts, nn.Conv2d):
             return _SpikeConv.apply(x, self.weight, self.bias, self)
         return self.product(x, self.weight, self.bias)
 
+    def lif_spikes(
+        self, x: torch.Tensor, steps: int, v_threshold: float, tau: float
+    ) -> torch.Tensor | None:
+        """Outside autograd, the spikes of a LIF (``v_threshold``, ``tau``) fed this layer's output
+        for the channels-last ``x [steps * B, C, H, W]`` (time-major), formed inside the
+        spike-driven kernel while each output is in cache, when the layer's measured crossover
+        picks the spike-driven path for ``x``; else None (the caller runs the layer, then the
+        LIF). Equal to the LIF kernels' spikes of the spike-driven output."""
+        if (
+            torch.is_grad_enabled()
+            or not self.max_density
+            or self._dense_calls_left > 0
+            or not self.handles(x)
+            or not x.is_contiguous(memory_format=torch.channels_last)
+        ):
+            return None
+        bias = None if self.bias is None else self.bias.detach()
+        taps = self._weight_per_tap(self.weight.detach())
+        lif = (steps, v_threshold, tau)
+        spikes = native.spike_conv2d(x, taps, bias, self.padding[0], self.max_density, lif)
+        if spikes is None:  # declined: the caller's own call of the layer does not count
+            self._dense_calls_left = DECLINED_CALLS_SKIPPED + 1
+        return spikes
+
     def product(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
