@@ -4,6 +4,7 @@ their sums, in inference and in training, and choose their path by measured cros
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,7 +19,7 @@ from statten.engine.losses import time_averaged
 from statten.fast import native
 from statten.fast.functions import use_fused_neurons
 from statten.fast.kernels import lif_spikes
-from statten.fast.spike_conv import DECLINED_CALLS_SKIPPED, SpikeConv2d
+from statten.fast.spike_conv import DECLINED_CALLS_SKIPPED, SpikeConv2d, integer_token_layers
 from statten.layers import conv_bn_lif
 from statten.neurons import LIF
 
@@ -163,6 +164,36 @@ def test_fast_inference_conv_lif_layers_form_their_spikes_in_the_spike_conv() ->
         handle.remove()
     assert len(formed) == 1 and formed[0] is not None  # the hooked call ran conv, then LIF
     assert torch.equal(fused, separate)
+
+
+@needs_c_compiler
+@pytest.mark.parametrize("token_major", [False, True])
+def test_pointwise_conv1d_adds_the_weights_of_its_spikes_outside_autograd(
+    token_major: bool,
+) -> None:
+    torch.manual_seed(0)
+    holder = torch.nn.Sequential(torch.nn.Conv1d(70, 48, 1))
+    plain = copy.deepcopy(holder[0])
+    layer = integer_token_layers(holder)[0].eval()
+    layer.integer_products = False  # the dense product: float32, as the plain layer's
+    x = (torch.rand(6, 70, 20) < 0.1).float()
+    if token_major:  # channels innermost in memory, as a channels-last model leaves them
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    calls = []
+    with torch.no_grad(), _counting_spike_convs(calls):
+        measured = layer(x)  # on its first spikes: warm-up, 2 timed calls
+        layer.max_density = 1.0
+        forced = layer(x)
+        counts = layer(x * 3)  # not spikes: declined
+    assert calls == [True, True, True, True, False]
+    for out in (measured, forced):
+        torch.testing.assert_close(out, plain(x), rtol=0, atol=1e-6)
+        assert out.is_contiguous()
+    assert torch.equal(counts, plain(x * 3))
+    layer._dense_calls_left = 0
+    with torch.enable_grad(), _counting_spike_convs(calls):
+        layer(x)  # under autograd: the plain layer
+    assert len(calls) == 5
 
 
 @contextlib.contextmanager

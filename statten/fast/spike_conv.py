@@ -104,7 +104,52 @@ class _IntegerProducts:
         return integer(converted)
 
 
-class SpikeConv2d(_IntegerProducts, nn.Conv2d):
+class _SpikeDrivenOutput:
+    """The spike-driven output of a weight layer fed spikes (``spike_conv.c``): ``max_density``,
+    the density of ones up to which it is taken, None until measured on the first spike input
+    (0: never, 1: always); after an input that crossover declined, the next
+    ``DECLINED_CALLS_SKIPPED`` calls take the dense product without trying."""
+
+    def __init__(self, *args: Any, max_density: float | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # the weight layer's
+        self.max_density = max_density
+        self._weight_by_tap: tuple[tuple[int, int], torch.Tensor] | None = None
+        self._dense_calls_left = 0
+
+    def _spike_driven_output(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        padding: int,
+        dense: Callable[[], torch.Tensor],
+    ) -> torch.Tensor | None:
+        """``conv2d(x, weight, bias, padding)`` for ``x [N, C, H, W]`` (detached) by the
+        spike-driven kernel where the crossover picks it (measured against ``dense`` on the
+        first spike input), else None: the caller takes its dense product."""
+        if self._dense_calls_left > 0:
+            self._dense_calls_left -= 1
+            return None
+        taps = self._weight_per_tap(weight)
+
+        def spike_driven(limit: float) -> torch.Tensor | None:
+            return native.spike_conv2d(x, taps, bias, padding, limit)
+
+        out, self.max_density = _crossing(spike_driven, dense, x, self.max_density)
+        if out is None and self.max_density:
+            self._dense_calls_left = DECLINED_CALLS_SKIPPED
+        return out
+
+    def _weight_per_tap(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight [C_out, C_in, kh, kw]`` as ``[kh, kw, C_in, C_out]``, the kernels' layout,
+        kept until it changes."""
+        key = (weight.data_ptr(), weight._version)
+        if self._weight_by_tap is None or self._weight_by_tap[0] != key:
+            self._weight_by_tap = (key, weight.permute(2, 3, 1, 0).contiguous())
+        return self._weight_by_tap[1]
+
+
+class SpikeConv2d(_SpikeDrivenOutput, _IntegerProducts, nn.Conv2d):
     """A convolution that, fed 0/1 spikes on CPU, adds the weights of the spikes.
 
     Under autograd the weight gradient adds the output gradients at the spikes the same way.
@@ -115,19 +160,16 @@ class SpikeConv2d(_IntegerProducts, nn.Conv2d):
     output and the weight gradient are spike-driven: None until measured on the first spike
     input (see the module's docstring); set them to force a path (0: dense, 1: spike-driven).
     After an input declined by a measured crossover, the next ``DECLINED_CALLS_SKIPPED`` calls
-    take the dense product without trying.
+    take the dense output without trying.
     In eval mode the dense output for spikes and spike counts (integers in [0, 255]) is the
     faster of oneDNN's float32 convolution and its exact-integer int8 one
     (:mod:`statten.fast.integer_conv`): ``integer_products``, None until measured on the first
     such input, True or False to force one.
     """
 
-    def __init__(self, *args: Any, max_density: float | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.max_density = max_density
         self.max_density_weight_grad: float | None = None
-        self._weight_by_tap: tuple[tuple[int, int], torch.Tensor] | None = None
-        self._dense_calls_left = 0  # after a declined input: calls that skip the spike path
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> SpikeConv2d:
@@ -196,24 +238,14 @@ class SpikeConv2d(_IntegerProducts, nn.Conv2d):
         bias = None if bias is None else bias.detach()
         if not self.handles(x):
             return self._conv_forward(x, weight, bias)
-        taps = self._weight_per_tap(weight)
 
         def dense() -> torch.Tensor:
             float32 = functools.partial(self._conv_forward, x, weight, bias)
             out = self._integer_product(x, weight, bias, self.padding[0], float32)
             return float32() if out is None else out
 
-        def spike_driven(limit: float) -> torch.Tensor | None:
-            return native.spike_conv2d(x, taps, bias, self.padding[0], limit)
-
-        if self._dense_calls_left > 0:
-            self._dense_calls_left -= 1
-            return dense()
-        out, self.max_density = _crossing(spike_driven, dense, x, self.max_density)
-        if out is None:
-            self._dense_calls_left = DECLINED_CALLS_SKIPPED if self.max_density else 0
-            return dense()
-        return out
+        out = self._spike_driven_output(x, weight, bias, self.padding[0], dense)
+        return dense() if out is None else out
 
     def grads(
         self,
@@ -251,13 +283,6 @@ class SpikeConv2d(_IntegerProducts, nn.Conv2d):
         grad_x, dense_weight, grad_bias = _dense_grads(self, grad_out, x, weight, dense_mask)
         return grad_x, dense_weight if grad_weight is None else grad_weight, grad_bias
 
-    def _weight_per_tap(self, weight: torch.Tensor) -> torch.Tensor:
-        """``weight`` as ``[kh, kw, C_in, C_out]``, the kernels' layout, kept until it changes."""
-        key = (weight.data_ptr(), weight._version)
-        if self._weight_by_tap is None or self._weight_by_tap[0] != key:
-            self._weight_by_tap = (key, weight.permute(2, 3, 1, 0).contiguous())
-        return self._weight_by_tap[1]
-
 
 class SpikeLinear(_IntegerProducts, nn.Linear):
     """An ``nn.Linear`` (on the last axis) whose output, in eval mode on CPU for spikes and spike
@@ -277,11 +302,12 @@ class SpikeLinear(_IntegerProducts, nn.Linear):
         return float32() if out is None else out
 
 
-class SpikeConv1d(_IntegerProducts, nn.Conv1d):
+class SpikeConv1d(_SpikeDrivenOutput, _IntegerProducts, nn.Conv1d):
     """A pointwise ``nn.Conv1d`` (kernel 1, stride 1, no groups) whose output, in eval mode on CPU
-    for spikes and spike counts, is the exact int8 product where that measured faster
-    (``integer_products``, see :class:`SpikeConv2d`); otherwise, and in training, the plain
-    layer."""
+    outside autograd, is spike-driven for spikes below its crossover (``max_density``, see
+    :class:`SpikeConv2d`; with a multiple of 16 outputs), else for spikes and spike counts the
+    exact int8 product where that measured faster (``integer_products``); otherwise, and in
+    training, the plain layer's. Its outputs are contiguous, as the plain layer's."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pointwise = (self.kernel_size, self.stride, self.padding, self.groups) == (
@@ -289,13 +315,21 @@ class SpikeConv1d(_IntegerProducts, nn.Conv1d):
         )  # fmt: skip
         if not (pointwise and x.dim() == 3 and _takes_integer_products(self, x)):
             return super().forward(x)
-        weight, bias = self.weight.detach(), _detached(self.bias)
-        float32 = functools.partial(self._conv_forward, x, weight, bias)
-        out = self._integer_product(
-            x.detach()[:, :, None], weight[..., None], bias, 0, float32,
-            lambda out: out.squeeze(2).contiguous(),  # models view Conv1d outputs freely
-        )  # fmt: skip
-        return float32() if out is None else out
+        x4, weight4 = x.detach()[:, :, None], self.weight.detach()[..., None]
+        bias = _detached(self.bias)
+
+        def contiguous(out: torch.Tensor) -> torch.Tensor:
+            return out.squeeze(2).contiguous()  # models view Conv1d outputs freely
+
+        def dense() -> torch.Tensor:
+            float32 = functools.partial(self._conv_forward, x, weight4.squeeze(3), bias)
+            out = self._integer_product(x4, weight4, bias, 0, float32, contiguous)
+            return float32() if out is None else out
+
+        out = None
+        if self.out_channels % 16 == 0 and not torch.is_grad_enabled():
+            out = self._spike_driven_output(x4, weight4, bias, 0, dense)
+        return dense() if out is None else contiguous(out)
 
 
 def _takes_integer_products(layer: nn.Module, x: torch.Tensor) -> bool:
