@@ -17,7 +17,9 @@ timed, two runs of the same seed may take different paths.
 In eval mode a layer fed spikes or spike counts has a third product: exact int8 sums on oneDNN's
 kernels (:mod:`statten.fast.integer_conv`), timed against the float32 one on the first such
 input. Fast inference also gives it to the token layers (:class:`SpikeLinear`,
-:class:`SpikeConv1d`, installed by :func:`integer_token_layers`).
+:class:`SpikeConv1d`, installed by :func:`integer_token_layers`); pointwise ``Conv1d`` layers
+also take the spike-driven output outside autograd, and a spike-driven convolution followed by a
+LIF can form the LIF's spikes in its kernel (:meth:`SpikeConv2d.lif_spikes`).
 """
 
 from __future__ import annotations
