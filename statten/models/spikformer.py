@@ -114,10 +114,14 @@ def _layer_bn_lif(layer: nn.Module, bn: nn.Module, lif: nn.Module, x: torch.Tens
     """``lif(bn(layer(x)))`` per time step, as the official files compute it.
 
     For ``nn.Linear`` the tokens are channels-last ``[T, B, N, C]`` and the BatchNorm1d runs on
-    the transposed ``[T*B, C, N]``; for convolutions they are channels-first.
+    the transposed ``[T*B, C, N]``; for convolutions they are channels-first. With the BatchNorm
+    folded into the Linear (fast inference) nothing is transposed, and ``conv_bn_lif`` lets a
+    fused LIF write its spikes over the layer's output.
     """
     if not isinstance(layer, nn.Linear):
         return conv_bn_lif(layer, bn, lif, x, recompute=True)
+    if isinstance(bn, nn.Identity):
+        return conv_bn_lif(layer, bn, lif, x)
     T, B, N, _ = x.shape
     y = layer(x.flatten(0, 1))
     y = bn(y.transpose(-1, -2)).transpose(-1, -2).reshape(T, B, N, -1).contiguous()
