@@ -59,6 +59,17 @@ MIN_TIMED_DENSITY = 0.01
 DECLINED_CALLS_SKIPPED = 7
 
 
+def _kept_for(
+    kept: tuple[tuple[int, int], Any] | None,
+    weight: torch.Tensor,
+    build: Callable[[torch.Tensor], Any],
+) -> tuple[tuple[int, int], Any]:
+    """``(key, build(weight))`` for a layer to keep, or ``kept`` itself while its key still names
+    ``weight``'s memory and version (the weight has not changed since it was built)."""
+    key = (weight.data_ptr(), weight._version)
+    return kept if kept is not None and kept[0] == key else (key, build(weight))
+
+
 class _IntegerProducts:
     """Exact int8 products (:mod:`statten.fast.integer_conv`) for a weight layer in eval mode fed
     spikes or spike counts: ``integer_products`` is None until timed against the layer's float32
@@ -85,9 +96,9 @@ class _IntegerProducts:
         timed against it on the first call)."""
         if self.training or self.integer_products is False or not integer_conv.available():
             return None
-        key = (weight.data_ptr(), weight._version)
-        if self._integer_weights is None or self._integer_weights[0] != key:
-            self._integer_weights = (key, integer_conv.pack(weight, padding))
+        self._integer_weights = _kept_for(
+            self._integer_weights, weight, lambda w: integer_conv.pack(w, padding)
+        )
         packed = self._integer_weights[1]
         converted = None if packed is None else native.small_integer_bytes(x)
         if converted is None:
@@ -145,9 +156,9 @@ class _SpikeDrivenOutput:
     def _weight_per_tap(self, weight: torch.Tensor) -> torch.Tensor:
         """``weight [C_out, C_in, kh, kw]`` as ``[kh, kw, C_in, C_out]``, the kernels' layout,
         kept until it changes."""
-        key = (weight.data_ptr(), weight._version)
-        if self._weight_by_tap is None or self._weight_by_tap[0] != key:
-            self._weight_by_tap = (key, weight.permute(2, 3, 1, 0).contiguous())
+        self._weight_by_tap = _kept_for(
+            self._weight_by_tap, weight, lambda w: w.permute(2, 3, 1, 0).contiguous()
+        )
         return self._weight_by_tap[1]
 
 
