@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -18,7 +19,7 @@ from test_train import SMALL, assert_identical, train, weights
 from statten.checkpoint import read_checkpoint
 from statten.cli import main
 from statten.config import parse_config
-from statten.engine.distributed import DistributedContext
+from statten.engine.distributed import DistributedContext, leave_group_after
 from statten.engine.trainer import Trainer
 
 STATTEN = shutil.which("statten", path=str(Path(sys.executable).parent))
@@ -152,3 +153,19 @@ def test_a_mid_epoch_resume_never_loads_the_batches_already_done(
     trainer.progress.batch_in_epoch = done = 5
     trainer.train_one_epoch(0)
     assert loaded == epoch_0[done * loader.batch_size :]
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_a_rank_waits_for_the_others_before_leaving_the_group_unless_it_failed(
+    monkeypatch: pytest.MonkeyPatch, fails: bool
+) -> None:
+    """Leaving Gloo's group while a peer still uses it can abort that peer at exit."""
+    calls: list[str] = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: calls.append("leave"))
+    ctx = DistributedContext(0, 2, 0, torch.device("cpu"))
+    with pytest.raises(KeyError) if fails else contextlib.nullcontext(), leave_group_after(ctx):
+        if fails:
+            raise KeyError("a peer is gone")
+    assert calls == (["leave"] if fails else ["barrier", "leave"])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -80,6 +82,18 @@ def lost_contact(error: BaseException) -> str | None:
     return without_source.split(". ")[0].rstrip(".")
 
 
-def shutdown(ctx: DistributedContext) -> None:
-    if ctx.distributed and dist.is_initialized():
-        dist.destroy_process_group()
+@contextmanager
+def leave_group_after(ctx: DistributedContext) -> Iterator[None]:
+    """Leave the process group (if any) when the ``with`` block ends.
+
+    A block that ends normally first waits at a barrier for every rank, so that no rank tears
+    down its Gloo connections while another still uses them (which can abort the slower rank at
+    exit); one that raises leaves at once, since its peers may be gone.
+    """
+    try:
+        yield
+        if ctx.distributed:
+            dist.barrier()
+    finally:
+        if ctx.distributed and dist.is_initialized():
+            dist.destroy_process_group()

@@ -26,7 +26,7 @@ from statten.analysis.ops import LayerOps, OpRecorder
 from statten.checkpoint import checkpoint_source, model_config_from_checkpoint
 from statten.config import ConfigError, StrictParser, at_least, model_config, resolve_config
 from statten.data import create_eval_loader
-from statten.engine.distributed import DistributedContext, init_distributed, shutdown
+from statten.engine.distributed import DistributedContext, init_distributed, leave_group_after
 from statten.engine.evaluate import evaluate
 from statten.engine.tester import load_checkpoint_model
 from statten.engine.trainer import autocast_for, with_process_placement
@@ -251,7 +251,7 @@ def run(cfg: argparse.Namespace, batches: int, energy: EnergyModel) -> dict[str,
     Returns the full report (``model`` and ``data`` included).
     """
     ctx = init_distributed(cfg.device, cfg.dist_timeout)
-    try:
+    with leave_group_after(ctx):
         if ctx.distributed:
             raise ConfigError(
                 "statten profile runs in a single process; launch it without torchrun"
@@ -261,8 +261,6 @@ def run(cfg: argparse.Namespace, batches: int, energy: EnergyModel) -> dict[str,
         loader = create_eval_loader(with_process_placement(cfg, ctx), model)
         data = itertools.islice(loader, batches) if batches else loader
         report = profile_model(model, data, ctx, energy, autocast_for(cfg, ctx.device))
-    finally:
-        shutdown(ctx)
     report["model"] = model_entry
     report["data"] = {
         "dataset": cfg.dataset,

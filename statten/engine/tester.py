@@ -13,7 +13,7 @@ from torch import nn
 from statten.checkpoint import checkpoint_source, create_model_from_checkpoint, read_checkpoint
 from statten.config import ConfigError
 from statten.data import create_eval_loader
-from statten.engine.distributed import init_distributed, shutdown
+from statten.engine.distributed import init_distributed, leave_group_after
 from statten.engine.evaluate import evaluate
 from statten.engine.trainer import autocast_for, with_process_placement
 from statten.fast import optimize_for_inference
@@ -40,7 +40,7 @@ def test(cfg: argparse.Namespace) -> dict[str, Any]:
     if not cfg.resume:
         raise ConfigError("statten test needs a checkpoint: pass --resume CHECKPOINT")
     ctx = init_distributed(cfg.device, cfg.dist_timeout)
-    try:
+    with leave_group_after(ctx):
         model = load_checkpoint_model(cfg.resume, cfg)[0].to(ctx.device)
         if cfg.fast_inference:
             model = optimize_for_inference(model)
@@ -52,8 +52,6 @@ def test(cfg: argparse.Namespace) -> dict[str, Any]:
             if cfg.json:
                 Path(cfg.json).write_text(json.dumps(metrics, indent=2))
         return metrics
-    finally:
-        shutdown(ctx)
 
 
 def _report(metrics: dict[str, Any]) -> None:

@@ -36,8 +36,8 @@ from statten.data import create_loaders, data_config, set_epoch
 from statten.engine.distributed import (
     DistributedContext,
     init_distributed,
+    leave_group_after,
     lost_contact,
-    shutdown,
 )
 from statten.engine.evaluate import evaluate
 from statten.engine.losses import create_train_criterion
@@ -495,30 +495,8 @@ def run_training(cfg: argparse.Namespace) -> Trainer:
     """Run training as configured and return the finished :class:`Trainer`."""
     ctx = init_distributed(cfg.device, cfg.dist_timeout)
     try:
-        trainer = Trainer(cfg, ctx)
-        trainer.build_data()
-        checkpoint = read_checkpoint(cfg.resume) if cfg.resume else None
-        trainer.output_dir = _output_dir(cfg, checkpoint)
-        if ctx.is_primary:
-            trainer.output_dir.mkdir(parents=True, exist_ok=True)
-            _remove_stale_temporaries(trainer.output_dir)
-        _setup_logging(trainer.output_dir if ctx.is_primary else None)
-        if checkpoint is not None:
-            trainer.resume(checkpoint, cfg.resume)
-        if cfg.start_epoch is not None:
-            trainer.start_at(cfg.start_epoch)
-        if ctx.is_primary:
-            save_config(cfg, trainer.output_dir / "args.yaml")
-            _logger.info(
-                "training %s on %s; outputs in %s", cfg.model, cfg.dataset, trainer.output_dir
-            )
-        metrics = trainer.fit()
-        if ctx.is_primary:
-            _logger.info(
-                "done: eval top1 %.2f%%; checkpoints, summary.csv, args.yaml, log.txt and "
-                "tensorboard/ are in %s", metrics.get("top1", math.nan), trainer.output_dir,
-            )  # fmt: skip
-        return trainer
+        with leave_group_after(ctx):
+            return _train(cfg, ctx)
     except RuntimeError as error:
         cause = lost_contact(error) if ctx.distributed else None
         if cause is None:
@@ -528,8 +506,32 @@ def run_training(cfg: argparse.Namespace) -> Trainer:
             f"or did not answer within --dist-timeout {cfg.dist_timeout} s (its own output says "
             "why); the run resumes from its last checkpoint with --resume"
         ) from error
-    finally:
-        shutdown(ctx)
+
+
+def _train(cfg: argparse.Namespace, ctx: DistributedContext) -> Trainer:
+    """Build, resume and fit the trainer of ``cfg`` in this process."""
+    trainer = Trainer(cfg, ctx)
+    trainer.build_data()
+    checkpoint = read_checkpoint(cfg.resume) if cfg.resume else None
+    trainer.output_dir = _output_dir(cfg, checkpoint)
+    if ctx.is_primary:
+        trainer.output_dir.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(trainer.output_dir)
+    _setup_logging(trainer.output_dir if ctx.is_primary else None)
+    if checkpoint is not None:
+        trainer.resume(checkpoint, cfg.resume)
+    if cfg.start_epoch is not None:
+        trainer.start_at(cfg.start_epoch)
+    if ctx.is_primary:
+        save_config(cfg, trainer.output_dir / "args.yaml")
+        _logger.info("training %s on %s; outputs in %s", cfg.model, cfg.dataset, trainer.output_dir)
+    metrics = trainer.fit()
+    if ctx.is_primary:
+        _logger.info(
+            "done: eval top1 %.2f%%; checkpoints, summary.csv, args.yaml, log.txt and "
+            "tensorboard/ are in %s", metrics.get("top1", math.nan), trainer.output_dir,
+        )  # fmt: skip
+    return trainer
 
 
 def train(cfg: argparse.Namespace) -> Path | None:
