@@ -14,6 +14,7 @@ import torch
 from spikingjelly.activation_based.functional import seq_to_ann_forward
 from timm.layers import drop_path, trunc_normal_
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks
 
 from statten.fast.storage import storing_spikes
 
@@ -48,17 +49,25 @@ def conv_bn_lif(
     """``lif(bn(conv(x)))`` with conv and BN per time step, then ``pool`` per step if given.
 
     ``conv`` is any per-step weight layer (Conv1d/2d, or Linear on the last axis). A fused LIF
-    runs them as one layer where it can (Conv2d + BatchNorm2d); in a memory-efficient training
-    forward it also pools inside that layer, so that backward never holds the full-size spikes
-    (its forward hooks then see the pooled spikes).
+    runs them as one layer where it can (Conv2d + BatchNorm2d), and pools inside that layer,
+    which then never holds the full-size spikes, where nothing else needs them: in a
+    memory-efficient training forward (the LIF's forward hooks then see the pooled spikes), and
+    outside autograd when no forward hook would see them.
     """
     if not getattr(lif, "fused", False):
         spikes = lif(per_step((conv, bn), x))
-    elif pool is not None and storing_spikes():
+    elif pool is not None and _pools_inside(lif):
         return lif(x, conv_bn=(conv, bn), recompute=recompute, pool=pool)
     else:
         spikes = lif(x, conv_bn=(conv, bn), recompute=recompute)
     return spikes if pool is None else per_step(pool, spikes)
+
+
+def _pools_inside(lif: nn.Module) -> bool:
+    """Whether a fused ``lif`` pools its spikes inside its layer (see :func:`conv_bn_lif`)."""
+    if storing_spikes():
+        return True
+    return not torch.is_grad_enabled() and not lif._forward_hooks and not _global_forward_hooks
 
 
 def drop_path_per_sample(x: torch.Tensor, prob: float, training: bool) -> torch.Tensor:

@@ -133,6 +133,43 @@ def test_spike_conv_forms_the_lif_spikes_of_its_output_in_its_kernel(
     assert spikes.is_contiguous(memory_format=torch.channels_last)
 
 
+POOLS = [(3, 2, 1), (2, 2, 0), (3, 1, 1), (4, 3, 2)]
+
+
+@needs_c_compiler
+@pytest.mark.parametrize(("kernel", "channels", "size", "density"), SHAPES)
+@pytest.mark.parametrize("pool", POOLS, ids=str)
+def test_spike_conv_pools_the_lif_spikes_in_its_kernel(
+    kernel: int, channels: tuple[int, int], size: int, density: float, pool: tuple[int, ...]
+) -> None:
+    """Bit for bit ``max_pool2d`` of the unpooled spikes, whatever rows each thread takes (a
+    thread's rows span samples: 5 per step)."""
+    torch.manual_seed(0)
+    spike_conv = SpikeConv2d(*channels, kernel, padding=kernel // 2, max_density=1.0)
+    x = (torch.rand(3 * 5, channels[0], size + 2, size + 3) < density).float()
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        spikes = spike_conv.lif_spikes(x, 3, 0.5, 2.0)
+        pooled = spike_conv.lif_spikes(x, 3, 0.5, 2.0, torch.nn.MaxPool2d(*pool))
+    assert spikes is not None and pooled is not None
+    assert torch.equal(pooled, F.max_pool2d(spikes, *pool))
+    assert pooled.is_contiguous(memory_format=torch.channels_last)
+
+
+@needs_c_compiler
+def test_spike_conv_pools_in_torch_what_its_kernel_does_not_take() -> None:
+    torch.manual_seed(0)
+    spike_conv = SpikeConv2d(16, 32, 3, padding=1, max_density=1.0)
+    x = (torch.rand(4, 16, 9, 9) < 0.2).float().contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        spikes = spike_conv.lif_spikes(x, 2, 1.0, 2.0)
+        for pool in (torch.nn.MaxPool2d(3, 2, 1, ceil_mode=True), torch.nn.MaxPool2d((3, 2))):
+            assert torch.equal(spike_conv.lif_spikes(x, 2, 1.0, 2.0, pool), pool(spikes))
+    with pytest.raises(ValueError, match="max pooling"):
+        native.spike_conv2d(x, spike_conv.weight.permute(2, 3, 1, 0).contiguous(), None, 1, 1.0,
+                            (2, 1.0, 2.0), (2, 2, 2))  # fmt: skip
+
+
 @needs_c_compiler
 def test_spike_conv_leaves_the_lif_to_its_caller_off_its_spike_driven_path() -> None:
     torch.manual_seed(0)
@@ -164,6 +201,28 @@ def test_fast_inference_conv_lif_layers_form_their_spikes_in_the_spike_conv() ->
         handle.remove()
     assert len(formed) == 1 and formed[0] is not None  # the hooked call ran conv, then LIF
     assert torch.equal(fused, separate)
+
+
+@needs_c_compiler
+def test_fast_inference_pools_inside_the_spike_conv_unless_a_hook_sees_the_lif_spikes() -> None:
+    torch.manual_seed(0)
+    conv = SpikeConv2d(16, 32, 3, padding=1, max_density=1.0)
+    lif, pool = LIF(0.5), torch.nn.MaxPool2d(3, 2, 1)
+    use_fused_neurons(lif, True)
+    x = (torch.rand(4, 2, 16, 8, 8) < 0.2).float()
+    x = x.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, (4, 2))
+    pools, real = [], conv.lif_spikes
+    conv.lif_spikes = lambda *args: pools.append(args[-1]) or real(*args)
+    seen = []
+    with torch.inference_mode():
+        pooled_inside = conv_bn_lif(conv, torch.nn.Identity(), lif, x, pool=pool)
+        handle = lif.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+        pooled_after = conv_bn_lif(conv, torch.nn.Identity(), lif, x, pool=pool)
+        handle.remove()
+    assert pools == [pool, None]
+    assert seen == [torch.Size((4, 2, 32, 8, 8))]  # a spike recorder sees the unpooled spikes
+    assert torch.equal(pooled_inside, pooled_after)
+    assert pooled_inside.shape == (4, 2, 32, 4, 4)
 
 
 @needs_c_compiler

@@ -209,15 +209,13 @@ def fused_conv_bn_lif(
         owned = not any(m._forward_hooks for m in (conv, bn)) and not _global_forward_hooks
         spikes = None
         if owned and isinstance(conv, SpikeConv2d) and isinstance(bn, nn.Identity):
-            spikes = conv.lif_spikes(x.flatten(0, 1), x.shape[0], *neuron[:2])
+            spikes = conv.lif_spikes(x.flatten(0, 1), x.shape[0], *neuron[:2], pool)
         if spikes is None:
             y = bn(conv(x.flatten(0, 1)))
             spikes = fused_lif(y.unflatten(0, x.shape[:2]), *neuron, overwrite_input=owned)
-        else:
-            spikes = spikes.unflatten(0, x.shape[:2])
-        if pool is None:
-            return spikes
-        return mark_spikes(max_pool(pool, spikes.flatten(0, 1)).unflatten(0, x.shape[:2]))
+            spikes = spikes.flatten(0, 1) if pool is None else max_pool(pool, spikes.flatten(0, 1))
+        spikes = spikes.unflatten(0, x.shape[:2])
+        return spikes if pool is None else mark_spikes(spikes)
     bn.num_batches_tracked.add_(1)
     spikes = _ConvBatchNormLIF.apply(
         x, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,

@@ -125,7 +125,7 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib.statten_max_unpool2d.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, ptr, i32]
     lib.statten_spike_conv2d.argtypes = [
         ptr, ptr, i64, i64, i64, i64, ptr, ptr, i64, i64, i64, i64, ptr, ptr, ctypes.c_double,
-        i64, f32, f32, i32,
+        i64, f32, f32, ptr, i32,
     ]  # fmt: skip
     lib.statten_spike_conv2d_weight_grad.argtypes = [
         ptr, ptr, i64, i64, i64, i64, ptr, ptr, i64, i64, i64, i64, ptr, ctypes.c_double, i32
@@ -343,6 +343,7 @@ def spike_conv2d(
     padding: int,
     max_density: float,
     lif: tuple[int, float, float] | None = None,
+    pool: tuple[int, int, int] | None = None,
 ) -> torch.Tensor | None:
     """``conv2d(x, w, bias, stride 1, padding)`` for 0/1 ``x``, adding the weights of the spikes.
 
@@ -351,27 +352,35 @@ def spike_conv2d(
     than 0 and 1 or more than ``max_density`` of ones: the caller then runs the dense convolution.
     With ``lif = (steps, v_threshold, tau)`` (channels-last ``x``, ``N`` a multiple of ``steps``)
     the result is instead the spikes of a LIF fed the output over the ``steps`` time-major
-    blocks of ``N``, equal to :func:`lif_spikes` of it, formed while each output is in cache.
+    blocks of ``N``, equal to :func:`lif_spikes` of it, formed while each output is in cache;
+    ``pool = (kernel, stride, padding)`` then max-pools them in the kernel too, so that the
+    full-size spikes are never written (equal to ``max_pool2d`` of them).
     """
     x = _in_kernel_layout(x)
     n, cin, h, w = x.shape
     kh, kw, _, cout = weight.shape
     if lif is None:
+        if pool is not None:
+            raise ValueError("a spike convolution pools the spikes of its LIF only")
         layout = torch.contiguous_format if x.is_contiguous() else torch.channels_last
     elif x.is_contiguous(memory_format=torch.channels_last) and n % lif[0] == 0:
         layout = torch.channels_last
     else:
         raise ValueError("the LIF of a spike convolution needs channels-last time-major images")
-    out = torch.empty(
-        (n, cout, h + 2 * padding - kh + 1, w + 2 * padding - kw + 1), memory_format=layout
-    )
+    size = [h + 2 * padding - kh + 1, w + 2 * padding - kw + 1]
+    if pool is not None:
+        kernel, stride, pool_padding = pool
+        size = [(side + 2 * pool_padding - kernel) // stride + 1 for side in size]
+        if stride < 1 or not 0 <= 2 * pool_padding <= kernel or min(size) < 1:
+            raise ValueError(f"not a max pooling of the spike convolution's output: {pool}")
+    out = torch.empty((n, cout, *size), memory_format=layout)
     steps, v_threshold, tau = (0, 0.0, 0.0) if lif is None else lif
     with record_function("statten::spike_conv2d"):
         status = library().statten_spike_conv2d(
             x.data_ptr(), _strides(x), n, h, w, cin, weight.data_ptr(),
             None if bias is None else bias.data_ptr(), cout, kh, kw, padding,
             out.data_ptr(), _strides(out), max_density, steps, v_threshold, tau,
-            torch.get_num_threads(),
+            (ctypes.c_int64 * 3)(*(pool or (0, 0, 0))), torch.get_num_threads(),
         )  # fmt: skip
     if status < 0:
         raise MemoryError("statten: out of memory in the spike convolution")

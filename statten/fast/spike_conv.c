@@ -57,8 +57,11 @@ typedef struct {
     int32_t *channels;
     uint64_t *masks; /* while listing: the spiking channels of each position as bits */
     volatile int other_found; /* while listing: a position held another value than 0 and 1 */
+    volatile int out_of_memory; /* set by a thread that could not allocate its buffer */
     int64_t steps; /* > 0: the output is the spikes of a LIF over the images t * n / steps + b */
     float v_threshold, tau;
+    int64_t pool_k, pool_s, pool_p; /* pool_k > 0: those spikes max-pooled (kernel, stride, pad) */
+    int64_t poh, pow; /* the pooled grid */
 } Conv;
 
 /* Input positions are scanned in blocks, channel by channel, so that both layouts read memory
@@ -214,11 +217,77 @@ static inline __attribute__((always_inline)) void lif_channel_tile(const Conv *c
     }
 }
 
-/* Output channels [c0, c0 + V * LANES) of output rows [begin, end): the sums, or their spikes. */
+/* The LIF spikes of conv output row oy of sample b, every step and column, channels [c0, c0 +
+ * V * LANES), into rows[t][oy % pool_k][ox] (V * LANES floats each). */
+static inline __attribute__((always_inline)) void lif_row(const Conv *c, int64_t b, int64_t oy,
+                                                          int64_t c0, float *rows, const int V) {
+    const int64_t batch = c->n / c->steps, tile = V * LANES;
+    for (int64_t ox = 0; ox < c->ow; ox++) {
+        vec v[OUTPUT_VECS];
+        for (int g = 0; g < V; g++) v[g] = (vec){0};
+        for (int64_t t = 0; t < c->steps; t++) {
+            float *out = rows + ((t * c->pool_k + oy % c->pool_k) * c->ow + ox) * tile;
+            output_tile(c, t * batch + b, oy, ox, c0, out, V);
+            for (int g = 0; g < V; g++) {
+                unaligned_vec *sums = (unaligned_vec *)(out + g * LANES);
+                *sums = lif_step(*sums, &v[g], c->tau, c->v_threshold);
+            }
+        }
+    }
+}
+
+/* As lif_channel_tile, with the spikes max-pooled: rows [begin, end) of the batch * poh pooled
+ * rows. The conv rows that a pooled row's windows cover are formed into `rows` (steps * pool_k
+ * rows of the tile, per thread) and kept for the next pooled row, whose windows overlap them, so
+ * that neither the full-size spikes nor a second pass over them is ever written. The maximum is
+ * taken in the windows' row-major order, as torch's max pooling does. */
+static inline __attribute__((always_inline)) void pooled_lif_channel_tile(const Conv *c,
+                                                                          int64_t begin,
+                                                                          int64_t end, int64_t c0,
+                                                                          float *rows,
+                                                                          const int V) {
+    const int64_t batch = c->n / c->steps, tile = V * LANES;
+    int64_t sample = -1, next_row = 0; /* rows of `sample` before next_row are in `rows` */
+    for (int64_t row = begin; row < end; row++) {
+        const int64_t b = row / c->poh, py = row % c->poh;
+        const int64_t top = py * c->pool_s - c->pool_p;
+        const int64_t lo = top < 0 ? 0 : top, hi = top + c->pool_k < c->oh ? top + c->pool_k : c->oh;
+        if (b != sample || next_row < lo) next_row = lo;
+        sample = b;
+        for (; next_row < hi; next_row++) lif_row(c, b, next_row, c0, rows, V);
+        for (int64_t px = 0; px < c->pow; px++) {
+            const int64_t left = px * c->pool_s - c->pool_p;
+            const int64_t x_lo = left < 0 ? 0 : left;
+            const int64_t x_hi = left + c->pool_k < c->ow ? left + c->pool_k : c->ow;
+            for (int64_t t = 0; t < c->steps; t++) {
+                vec m[OUTPUT_VECS];
+                for (int g = 0; g < V; g++) m[g] = (vec){0} - __builtin_inff();
+                for (int64_t oy = lo; oy < hi; oy++)
+                    for (int64_t ox = x_lo; ox < x_hi; ox++) {
+                        const float *in =
+                            rows + ((t * c->pool_k + oy % c->pool_k) * c->ow + ox) * tile;
+                        for (int g = 0; g < V; g++) {
+                            const vec value = *(const unaligned_vec *)(in + g * LANES);
+                            const ivec above = value > m[g];
+                            m[g] = (vec)(((ivec)value & above) | ((ivec)m[g] & ~above));
+                        }
+                    }
+                float *out = c->out + (t * batch + b) * c->os.image +
+                             (py * c->pow + px) * c->os.position + c0;
+                for (int g = 0; g < V; g++) *(unaligned_vec *)(out + g * LANES) = m[g];
+            }
+        }
+    }
+}
+
+/* Output channels [c0, c0 + V * LANES) of output rows [begin, end): the sums, their spikes, or
+ * those pooled (`rows`: the pooled tile's buffer). */
 static inline __attribute__((always_inline)) void output_channels(const Conv *c, int64_t begin,
                                                                   int64_t end, int64_t c0,
-                                                                  const int V) {
-    if (c->steps)
+                                                                  float *rows, const int V) {
+    if (c->pool_k)
+        pooled_lif_channel_tile(c, begin, end, c0, rows, V);
+    else if (c->steps)
         lif_channel_tile(c, begin, end, c0, V);
     else
         channel_tile(c, begin, end, c0, V);
@@ -227,15 +296,24 @@ static inline __attribute__((always_inline)) void output_channels(const Conv *c,
 /* Output rows [begin, end) (cout is a multiple of LANES), one tile of output channels at a time
  * so that the tile's weights stay in cache while the rows sweep over them. */
 static void conv_range(void *arg, int64_t begin, int64_t end) {
-    const Conv *c = arg;
+    Conv *c = arg;
     const int64_t row_bytes = c->kh * c->kw * c->cin * LANES * (int64_t)sizeof(float);
+    float *rows = NULL;
+    if (c->pool_k) {
+        rows = malloc(c->steps * c->pool_k * c->ow * OUTPUT_VECS * LANES * sizeof(float));
+        if (!rows) {
+            c->out_of_memory = 1;
+            return;
+        }
+    }
     int64_t c0 = 0;
     if (OUTPUT_VECS * row_bytes <= TILE_BYTES)
         for (; c0 + OUTPUT_VECS * LANES <= c->cout; c0 += OUTPUT_VECS * LANES)
-            output_channels(c, begin, end, c0, OUTPUT_VECS);
+            output_channels(c, begin, end, c0, rows, OUTPUT_VECS);
     for (; c0 + VECS * LANES <= c->cout; c0 += VECS * LANES)
-        output_channels(c, begin, end, c0, VECS);
-    for (; c0 < c->cout; c0 += LANES) output_channels(c, begin, end, c0, 1);
+        output_channels(c, begin, end, c0, rows, VECS);
+    for (; c0 < c->cout; c0 += LANES) output_channels(c, begin, end, c0, rows, 1);
+    free(rows);
 }
 
 /* A layer whose input is far denser than its crossover would read all of it only to decline:
@@ -301,16 +379,19 @@ static int list_spikes(Conv *c, double max_density, int threads) {
  * [image, channel, position]). With steps > 0 (n a multiple of it, out channels-last), out is
  * instead the spikes of a LIF (tau, v_threshold, hard reset to 0) fed that output over the
  * images t * n / steps + b, t = 0 .. steps - 1, of each b: bit for bit lif.c's spikes of the
- * output. Returns 0 when done, 1 (out untouched) when x holds a value other than 0 and 1, 2
- * when more than max_density of x is 1 (the dense convolution is then faster), 3 when cout is
- * not a multiple of 16 or the LIF's layout does not hold, -1 when out of memory.
+ * output. pool[0] > 0 (with steps) max-pools those spikes, kernel pool[0], stride pool[1],
+ * padding pool[2], into out (the pooled grid). Returns 0 when done, 1 (out untouched) when x
+ * holds a value other than 0 and 1, 2 when more than max_density of x is 1 (the dense
+ * convolution is then faster), 3 when cout is not a multiple of 16 or the LIF's or pool's layout
+ * does not hold, -1 when out of memory.
  */
 int statten_spike_conv2d(const float *x, const int64_t *x_strides, int64_t n, int64_t h,
                          int64_t w, int64_t cin, const float *weight, const float *bias,
                          int64_t cout, int64_t kh, int64_t kw, int64_t pad, float *out,
                          const int64_t *out_strides, double max_density, int64_t steps,
-                         float v_threshold, float tau, int threads) {
+                         float v_threshold, float tau, const int64_t *pool, int threads) {
     if (cout % LANES || (steps && (n % steps || out_strides[1] != 1))) return 3;
+    if (pool[0] && (!steps || pool[1] < 1 || pool[2] < 0 || 2 * pool[2] > pool[0])) return 3;
     Conv c = {x, weight, bias, out, 0,
               {x_strides[0], x_strides[1], x_strides[2]},
               {out_strides[0], out_strides[1], out_strides[2]},
@@ -318,12 +399,21 @@ int statten_spike_conv2d(const float *x, const int64_t *x_strides, int64_t n, in
     c.steps = steps;
     c.v_threshold = v_threshold;
     c.tau = tau;
+    c.pool_k = pool[0];
+    c.pool_s = pool[1];
+    c.pool_p = pool[2];
+    if (c.pool_k) {
+        c.poh = (c.oh + 2 * c.pool_p - c.pool_k) / c.pool_s + 1;
+        c.pow = (c.ow + 2 * c.pool_p - c.pool_k) / c.pool_s + 1;
+        if (c.poh < 1 || c.pow < 1) return 3;
+    }
     const int status = list_spikes(&c, max_density, threads);
     if (status) return status;
-    parallel_for(conv_range, &c, (steps ? n / steps : n) * c.oh, 1, threads);
+    const int64_t rows = c.pool_k ? c.poh : c.oh;
+    parallel_for(conv_range, &c, (steps ? n / steps : n) * rows, 1, threads);
     free(c.channels);
     free(c.offsets);
-    return 0;
+    return c.out_of_memory ? -1 : 0;
 }
 
 /* Weight gradient, output channels [c0, c0 + V * LANES): for each output position, its output

@@ -218,13 +218,19 @@ class SpikeConv2d(_SpikeDrivenOutput, _IntegerProducts, nn.Conv2d):
         return self.product(x, self.weight, self.bias)
 
     def lif_spikes(
-        self, x: torch.Tensor, steps: int, v_threshold: float, tau: float
+        self,
+        x: torch.Tensor,
+        steps: int,
+        v_threshold: float,
+        tau: float,
+        pool: nn.MaxPool2d | None = None,
     ) -> torch.Tensor | None:
         """Outside autograd, the spikes of a LIF (``v_threshold``, ``tau``) fed this layer's output
-        for the channels-last ``x [steps * B, C, H, W]`` (time-major), formed inside the
-        spike-driven kernel while each output is in cache, when the layer's measured crossover
+        for the channels-last ``x [steps * B, C, H, W]`` (time-major), max-pooled by ``pool`` if
+        given, formed inside the spike-driven kernel while each output is in cache (a square
+        pool too, so the full-size spikes are never written), when the layer's measured crossover
         picks the spike-driven path for ``x``; else None (the caller runs the layer, then the
-        LIF). Equal to the LIF kernels' spikes of the spike-driven output."""
+        LIF). Equal to the LIF kernels' spikes of the spike-driven output, pooled."""
         if (
             torch.is_grad_enabled()
             or not self.max_density
@@ -236,9 +242,12 @@ class SpikeConv2d(_SpikeDrivenOutput, _IntegerProducts, nn.Conv2d):
         bias = None if self.bias is None else self.bias.detach()
         taps = self._weight_per_tap(self.weight.detach())
         lif = (steps, v_threshold, tau)
-        spikes = native.spike_conv2d(x, taps, bias, self.padding[0], self.max_density, lif)
+        square = None if pool is None else _square_pool(pool)
+        spikes = native.spike_conv2d(x, taps, bias, self.padding[0], self.max_density, lif, square)
         if spikes is None:  # declined: the caller's own call of the layer does not count
             self._dense_calls_left = DECLINED_CALLS_SKIPPED + 1
+        elif pool is not None and square is None:
+            spikes = pool(spikes)
         return spikes
 
     def product(
@@ -343,6 +352,18 @@ class SpikeConv1d(_SpikeDrivenOutput, _IntegerProducts, nn.Conv1d):
         if self.out_channels % 16 == 0 and not torch.is_grad_enabled():
             out = self._spike_driven_output(x4, weight4, bias, 0, dense)
         return dense() if out is None else contiguous(out)
+
+
+def _square_pool(pool: nn.MaxPool2d) -> tuple[int, int, int] | None:
+    """``(kernel, stride, padding)`` of a max pool that the spike kernels run (square, floor
+    mode, no dilation or indices), else None."""
+    kernel, stride, padding, dilation = (
+        value if isinstance(value, tuple) else (value, value)
+        for value in (pool.kernel_size, pool.stride, pool.padding, pool.dilation)
+    )
+    plain = not pool.ceil_mode and not pool.return_indices and dilation == (1, 1)
+    square = kernel[0] == kernel[1] and stride[0] == stride[1] and padding[0] == padding[1]
+    return (kernel[0], stride[0], padding[0]) if plain and square else None
 
 
 def _takes_integer_products(layer: nn.Module, x: torch.Tensor) -> bool:
