@@ -65,6 +65,38 @@ def test_spike_conv_adds_the_weights_of_the_spikes(
 
 
 @needs_c_compiler
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize(("kernel", "channels", "size", "density"), SHAPES[:4])
+def test_spike_conv_adds_a_spike_count_as_that_many_spikes(
+    kernel: int, channels: tuple[int, int], size: int, density: float, layout: str
+) -> None:
+    """Residual connections add spike tensors: their counts are spikes too; other values are not."""
+    torch.manual_seed(0)
+    weight = torch.randn(channels[1], channels[0], kernel, kernel)
+    taps, padding = weight.permute(2, 3, 1, 0).contiguous(), kernel // 2
+    counts = torch.randint(1, 4, (3, channels[0], size, size)) * (
+        torch.rand(3, channels[0], size, size) < density
+    )
+    x = _laid_out(counts.float(), layout)
+    x[0, 0, 0, 0] = 255.0  # the largest count
+    out = native.spike_conv2d(x, taps, None, padding, 1.0)
+    assert out is not None
+    torch.testing.assert_close(out, F.conv2d(x, weight, padding=padding), rtol=2e-5, atol=1e-4)
+    grad_out = torch.randn_like(out)
+    grad_taps = native.spike_conv2d_weight_grad(x, grad_out, (kernel, kernel), padding, 1.0)
+    expected = torch.ops.aten.convolution_backward(
+        grad_out, x, weight, None, [1, 1], [padding] * 2, [1, 1], False, [0, 0], 1,
+        [False, True, False],
+    )[1]  # fmt: skip
+    assert grad_taps is not None
+    torch.testing.assert_close(grad_taps.permute(3, 2, 0, 1), expected, rtol=1e-5, atol=1e-3)
+    for other in (256.0, -1.0, 0.5, float("nan"), float("inf")):
+        y = x.clone()
+        y[-1, -1, -1, -1] = other  # in the last block, which a sample does not read
+        assert native.spike_conv2d(y, taps, None, padding, 1.0) is None, other
+
+
+@needs_c_compiler
 def test_spike_conv_runs_dense_when_too_dense_or_strided() -> None:
     torch.manual_seed(0)
     spike_conv = SpikeConv2d(16, 32, 3, padding=1, max_density=0.3)
@@ -243,16 +275,17 @@ def test_pointwise_conv1d_adds_the_weights_of_its_spikes_outside_autograd(
         measured = layer(x)  # on its first spikes: warm-up, 2 timed calls
         layer.max_density = 1.0
         forced = layer(x)
-        counts = layer(x * 3)  # not spikes: declined
-    assert calls == [True, True, True, True, False]
-    for out in (measured, forced):
-        torch.testing.assert_close(out, plain(x), rtol=0, atol=1e-6)
+        counts = layer(x * 3)  # spike counts: three spikes each
+        halves = layer(x * 0.5)  # not spikes: declined
+    assert calls == [True, True, True, True, True, False]
+    for out, spikes in ((measured, x), (forced, x), (counts, x * 3)):
+        torch.testing.assert_close(out, plain(spikes), rtol=0, atol=1e-5)
         assert out.is_contiguous()
-    assert torch.equal(counts, plain(x * 3))
+    assert torch.equal(halves, plain(x * 0.5))
     layer._dense_calls_left = 0
     with torch.enable_grad(), _counting_spike_convs(calls):
         layer(x)  # under autograd: the plain layer
-    assert len(calls) == 5
+    assert len(calls) == 6
 
 
 @contextlib.contextmanager

@@ -6,7 +6,8 @@
   able to work in place (``benchmarks/lif_kernels.py``).
 - ``pool.c``: max pooling with int32 argmaxes and its gradient, equal to torch's kernels (which
   walk each window with a branch per element and scatter the gradient in a second pass).
-- ``spike_conv.c``: convolution of 0/1 spikes that adds the weights of the inputs that spiked
+- ``spike_conv.c``: convolution of spikes (and spike counts) that adds the weights of the inputs
+  that spiked
   instead of multiplying every input, and its weight gradient, which adds output gradients the
   same way (spike-driven inference and training, ``benchmarks/spike_conv.py``).
 - ``attention.c``: STAtten's attention of 0/1 spikes, driven by the spikes the same way, reading
@@ -345,11 +346,13 @@ def spike_conv2d(
     lif: tuple[int, float, float] | None = None,
     pool: tuple[int, int, int] | None = None,
 ) -> torch.Tensor | None:
-    """``conv2d(x, w, bias, stride 1, padding)`` for 0/1 ``x``, adding the weights of the spikes.
+    """``conv2d(x, w, bias, stride 1, padding)`` for spikes ``x``, adding the weights of the spikes
+    (a spike count, an integer up to 255, as that many spikes).
 
     ``x [N, C, H, W]`` float32 on CPU, contiguous or channels-last (the output takes its layout),
     ``weight`` laid out ``[kh, kw, C, C_out]`` (contiguous). None when ``x`` holds another value
-    than 0 and 1 or more than ``max_density`` of ones: the caller then runs the dense convolution.
+    than a count or more than ``max_density`` spikes per element: the caller then runs the dense
+    convolution.
     With ``lif = (steps, v_threshold, tau)`` (channels-last ``x``, ``N`` a multiple of ``steps``)
     the result is instead the spikes of a LIF fed the output over the ``steps`` time-major
     blocks of ``N``, equal to :func:`lif_spikes` of it, formed while each output is in cache;
@@ -394,12 +397,12 @@ def spike_conv2d_weight_grad(
     padding: int,
     max_density: float,
 ) -> torch.Tensor | None:
-    """The weight gradient of ``conv2d(x, w, stride 1, padding)`` for 0/1 ``x``, laid out
+    """The weight gradient of ``conv2d(x, w, stride 1, padding)`` for spikes ``x``, laid out
     ``[kh, kw, C, C_out]``, adding the output gradients at the spikes.
 
     ``x [N, C, H, W]`` and ``grad_out [N, C_out, OH, OW]`` float32 on CPU, each contiguous or
-    channels-last. None when ``x`` holds another value than 0 and 1 or more than ``max_density``
-    of ones.
+    channels-last. None when ``x`` holds another value than a spike count or more than
+    ``max_density`` spikes per element.
     """
     x, grad_out = _in_kernel_layout(x), _in_kernel_layout(grad_out)
     n, cin, h, w = x.shape

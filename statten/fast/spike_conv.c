@@ -5,7 +5,8 @@
  * A spiking layer's input is 0 or 1 and mostly 0. Instead of multiplying every input by every
  * weight (a dense convolution), each output adds up the weights of the inputs that spiked: for
  * each output position and tile of output channels, over the kernel taps, over the list of input
- * channels that spiked at the tapped position. The weight gradient adds, for each spike and tap,
+ * channels that spiked at the tapped position. A spike count (a sum of spike tensors, as
+ * residual connections make: an integer up to MAX_COUNT) is listed as that many spikes. The weight gradient adds, for each spike and tap,
  * the output gradient at the tapped output position into the weight row of the spike's channel.
  * The work is proportional to the number of spikes; the results equal the dense ones up to the
  * order of the additions.
@@ -56,7 +57,7 @@ typedef struct {
     int64_t *offsets; /* spikes of position p: channels[offsets[p] .. offsets[p + 1]) */
     int32_t *channels;
     uint64_t *masks; /* while listing: the spiking channels of each position as bits */
-    volatile int other_found; /* while listing: a position held another value than 0 and 1 */
+    volatile int other_found; /* while listing: a position held a value that is not a count */
     volatile int out_of_memory; /* set by a thread that could not allocate its buffer */
     int64_t steps; /* > 0: the output is the spikes of a LIF over the images t * n / steps + b */
     float v_threshold, tau;
@@ -67,6 +68,19 @@ typedef struct {
 /* Input positions are scanned in blocks, channel by channel, so that both layouts read memory
  * in order or within a few cache lines. */
 #define SCAN 64
+
+/* The largest spike count listed (as that many spikes); inputs holding other values decline. */
+#define MAX_COUNT 255
+
+/* How many spikes the value v counts: v itself for an integer in [0, MAX_COUNT], else -1. */
+static inline int64_t spike_count(float v) {
+    return v >= 0.0f && v <= (float)MAX_COUNT && v == (float)(int32_t)v ? (int64_t)v : -1;
+}
+
+/* Channel i of the input position at base. */
+static inline float input_at(const Conv *c, const float *base, int64_t i) {
+    return base[i * c->xs.channel];
+}
 
 /* Where channel 0 of input positions [start, start + m) lies. */
 static void scan_bases(const Conv *c, int64_t start, int64_t m, const float **base) {
@@ -80,7 +94,7 @@ static void scan_bases(const Conv *c, int64_t start, int64_t m, const float **ba
 /* The spiking channels of each input position as bits (c->masks: `words` words per position),
  * read once from x: each channels-last position's channels 64 at a time (contiguous), or
  * contiguous-layout positions SCAN at a time, channel by channel. c->offsets[p + 1] gets the
- * number of spikes at p, or -1 where p holds a value other than 0 and 1. */
+ * number of spikes at p (counts included), or -1 where p holds a value that is not a count. */
 static void mask_range(void *arg, int64_t begin, int64_t end) {
     Conv *c = arg;
     const int64_t words = (c->cin + 63) / 64;
@@ -107,23 +121,41 @@ static void mask_range(void *arg, int64_t begin, int64_t end) {
         }
         for (int64_t j = 0; j < m; j++) {
             int64_t spikes = 0;
-            for (int64_t k = 0; k < words; k++)
-                spikes += __builtin_popcountll(masks[j * words + k]);
-            c->offsets[start + j + 1] = other[j] ? -1 : spikes;
-            if (other[j]) c->other_found = 1;
+            for (int64_t k = 0; k < words; k++) {
+                if (!other[j]) {
+                    spikes += __builtin_popcountll(masks[j * words + k]);
+                    continue;
+                }
+                for (uint64_t bits = masks[j * words + k]; bits && spikes >= 0; bits &= bits - 1) {
+                    const int64_t channel = 64 * k + __builtin_ctzll(bits);
+                    const int64_t count = spike_count(input_at(c, base[j], channel));
+                    spikes = count < 0 ? -1 : spikes + count;
+                }
+            }
+            c->offsets[start + j + 1] = spikes;
+            if (spikes < 0) c->other_found = 1;
         }
     }
 }
 
-/* The channel lists of positions [begin, end), from their bits. */
+/* The channel lists of positions [begin, end), from their bits; a channel that holds a count
+ * is listed that many times. */
 static void list_range(void *arg, int64_t begin, int64_t end) {
     const Conv *c = arg;
     const int64_t words = (c->cin + 63) / 64;
     for (int64_t p = begin; p < end; p++) {
+        const uint64_t *masks = c->masks + p * words;
         int32_t *next = c->channels + c->offsets[p];
+        int64_t ones = 0;
+        for (int64_t k = 0; k < words; k++) ones += __builtin_popcountll(masks[k]);
+        const float *base = NULL;
+        if (ones != c->offsets[p + 1] - c->offsets[p]) scan_bases(c, p, 1, &base);
         for (int64_t k = 0; k < words; k++)
-            for (uint64_t bits = c->masks[p * words + k]; bits; bits &= bits - 1)
-                *next++ = (int32_t)(64 * k + __builtin_ctzll(bits));
+            for (uint64_t bits = masks[k]; bits; bits &= bits - 1) {
+                const int32_t channel = (int32_t)(64 * k + __builtin_ctzll(bits));
+                const int64_t count = base ? spike_count(input_at(c, base, channel)) : 1;
+                for (int64_t i = 0; i < count; i++) *next++ = channel;
+            }
     }
 }
 
@@ -317,10 +349,11 @@ static void conv_range(void *arg, int64_t begin, int64_t end) {
 }
 
 /* A layer whose input is far denser than its crossover would read all of it only to decline:
- * one block of SCAN positions in every SAMPLE is read first, and an input that is not 0/1 there
- * (status 1), or that has more than SAMPLE_MARGIN times max_density ones there (status 2), is
- * declined on that. Inputs with fewer than SAMPLED_BLOCKS such blocks (2048 positions) are not
- * sampled; the full pass stops at the first block holding another value than 0 and 1. (A
+ * one block of SCAN positions in every SAMPLE is read first, and an input that is not counts
+ * there (status 1), or that has more than SAMPLE_MARGIN times max_density spikes per element
+ * there (status 2), is declined on that. Inputs with fewer than SAMPLED_BLOCKS such blocks (2048
+ * positions) are not sampled; the full pass stops at the first block holding a value that is not
+ * a count. (A
  * threshold of 16 blocks let the 8x8 layers of CIFAR-10 2-512, 4096 positions, read all of their
  * input before declining: 12 declines, 16 ms a fast inference pass.) */
 #define SAMPLE 16
@@ -336,9 +369,9 @@ static int sampled_status(const Conv *c, double max_density) {
         scan_bases(c, start, SCAN, base);
         for (int64_t i = 0; i < c->cin; i++) {
             for (int64_t j = 0; j < SCAN; j++) {
-                const float v = base[j][i * c->xs.channel];
-                if (v != 0.0f && v != 1.0f) return 1;
-                spikes += v == 1.0f;
+                const int64_t count = spike_count(input_at(c, base[j], i));
+                if (count < 0) return 1;
+                spikes += count;
             }
         }
         seen += SCAN;
@@ -380,10 +413,10 @@ static int list_spikes(Conv *c, double max_density, int threads) {
  * instead the spikes of a LIF (tau, v_threshold, hard reset to 0) fed that output over the
  * images t * n / steps + b, t = 0 .. steps - 1, of each b: bit for bit lif.c's spikes of the
  * output. pool[0] > 0 (with steps) max-pools those spikes, kernel pool[0], stride pool[1],
- * padding pool[2], into out (the pooled grid). Returns 0 when done, 1 (out untouched) when x
- * holds a value other than 0 and 1, 2 when more than max_density of x is 1 (the dense
- * convolution is then faster), 3 when cout is not a multiple of 16 or the LIF's or pool's layout
- * does not hold, -1 when out of memory.
+ * padding pool[2], into out (the pooled grid). x holds spikes or spike counts. Returns 0 when
+ * done, 1 (out untouched) when x holds a value that is not a count, 2 when x counts more than
+ * max_density spikes per element (the dense convolution is then faster), 3 when cout is not a
+ * multiple of 16 or the LIF's or pool's layout does not hold, -1 when out of memory.
  */
 int statten_spike_conv2d(const float *x, const int64_t *x_strides, int64_t n, int64_t h,
                          int64_t w, int64_t cin, const float *weight, const float *bias,

@@ -119,7 +119,7 @@ class _IntegerProducts:
 
 class _SpikeDrivenOutput:
     """The spike-driven output of a weight layer fed spikes (``spike_conv.c``): ``max_density``,
-    the density of ones up to which it is taken, None until measured on the first spike input
+    the density of spikes up to which it is taken, None until measured on the first spike input
     (0: never, 1: always); after an input that crossover declined, the next
     ``DECLINED_CALLS_SKIPPED`` calls take the dense product without trying."""
 
@@ -163,13 +163,14 @@ class _SpikeDrivenOutput:
 
 
 class SpikeConv2d(_SpikeDrivenOutput, _IntegerProducts, nn.Conv2d):
-    """A convolution that, fed 0/1 spikes on CPU, adds the weights of the spikes.
+    """A convolution that, fed spikes on CPU, adds the weights of the spikes (a spike count, as
+    residual sums of spikes make, as that many spikes).
 
     Under autograd the weight gradient adds the output gradients at the spikes the same way.
     Inputs the C kernels do not take (other values, GPU, strides, groups, a number of outputs
     that is not a multiple of 16) run the ordinary dense convolution.
 
-    ``max_density`` and ``max_density_weight_grad`` are the densities of ones up to which the
+    ``max_density`` and ``max_density_weight_grad`` are the densities of spikes up to which the
     output and the weight gradient are spike-driven: None until measured on the first spike
     input (see the module's docstring); set them to force a path (0: dense, 1: spike-driven).
     After an input declined by a measured crossover, the next ``DECLINED_CALLS_SKIPPED`` calls
@@ -422,7 +423,8 @@ def _crossing(
     """The spike-driven product for ``x`` if ``max_density`` picks it (None: the caller runs
     the dense one), and the crossover for later calls.
 
-    ``spike_driven(limit)`` returns None when ``x`` is not 0/1 or has more than ``limit`` ones.
+    ``spike_driven(limit)`` returns None when ``x`` is not spike counts or has more than
+    ``limit`` spikes per element.
     An unmeasured crossover (None) is measured on the first spike input: both paths timed
     (``dense`` only for that), the spike-driven time taken as proportional to the density.
     """
@@ -430,7 +432,7 @@ def _crossing(
         return (spike_driven(max_density) if max_density > 0 else None), max_density
     if spike_driven(1.0) is None:  # not spikes: measure on a later input (else: warmed up)
         return None, None
-    density = max(x.count_nonzero().item() / x.numel(), MIN_TIMED_DENSITY)
+    density = max(x.sum().item() / x.numel(), MIN_TIMED_DENSITY)
     spike_driven_s, out = _fastest_of(TIMING_CALLS, lambda: spike_driven(1.0))
     dense_s, _ = _fastest_of(TIMING_CALLS, dense)
     return out, min(1.0, density * dense_s / spike_driven_s)
