@@ -21,6 +21,7 @@ from statten.fast.storage import storing_spikes
 __all__ = [
     "ATTENTION_V_THRESHOLD",
     "conv_bn_lif",
+    "conv_bn_pool_lif",
     "drop_path_per_sample",
     "init_linear_trunc_normal",
     "merge_heads",
@@ -61,6 +62,19 @@ def conv_bn_lif(
     else:
         spikes = lif(x, conv_bn=(conv, bn), recompute=recompute)
     return spikes if pool is None else per_step(pool, spikes)
+
+
+def conv_bn_pool_lif(
+    conv: nn.Module, bn: nn.Module, pool: nn.MaxPool2d, lif: nn.Module, x: torch.Tensor
+) -> torch.Tensor:
+    """``lif(pool(bn(conv(x))))`` with conv, BN and pool per time step (QKFormer's pooled units).
+
+    Outside autograd a fused LIF runs them as one layer (which a spike-driven convolution forms
+    in its kernel, see :meth:`~statten.fast.spike_conv.SpikeConv2d.lif_spikes`).
+    """
+    if getattr(lif, "fused", False) and not torch.is_grad_enabled():
+        return lif(x, conv_bn=(conv, bn), pool=pool, pool_first=True)
+    return lif(per_step((conv, bn, pool), x))
 
 
 def _pools_inside(lif: nn.Module) -> bool:

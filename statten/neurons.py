@@ -42,7 +42,8 @@ class LIF(_FreshStateMixin, neuron.LIFNode):
     """Multi-step LIF, ``H = V + (X - V) / 2``, spike when ``H >= v_threshold``, hard reset to 0.
 
     ``layer(x, conv_bn=(conv, bn), pool=pool)`` gives the spikes of ``bn(conv(x))`` applied to
-    every time step of ``x [T, B, C, H, W]``, max-pooled per step by ``pool`` if given. With
+    every time step of ``x [T, B, C, H, W]``, max-pooled per step by ``pool`` if given (with
+    ``pool_first=True``, the spikes of ``pool(bn(conv(x)))``). With
     ``fused = True`` (see :mod:`statten.fast`) the layer runs fused kernels, and conv, BatchNorm,
     neuron and pool run as one memory-efficient layer, which recomputes the conv output in
     backward instead of storing it when ``recompute=True``.
@@ -64,17 +65,22 @@ class LIF(_FreshStateMixin, neuron.LIFNode):
         conv_bn: tuple[nn.Module, nn.Module] | None = None,
         recompute: bool = False,
         pool: nn.MaxPool2d | None = None,
+        pool_first: bool = False,
     ) -> torch.Tensor:
         neuron = (self.v_threshold, TAU, SURROGATE_ALPHA)
         if conv_bn is None:
             return fused_lif(x_seq, *neuron) if self.fused else super().multi_step_forward(x_seq)
         if self.fused:
-            return fused_conv_bn_lif(*conv_bn, x_seq, neuron, recompute, pool)
+            return fused_conv_bn_lif(*conv_bn, x_seq, neuron, recompute, pool, pool_first)
         conv, bn = conv_bn
+        y = bn(conv(x_seq.flatten(0, 1)))
+        pooled = pool is not None and pool_first
         spikes = super().multi_step_forward(
-            bn(conv(x_seq.flatten(0, 1))).unflatten(0, x_seq.shape[:2])
+            (pool(y) if pooled else y).unflatten(0, x_seq.shape[:2])
         )
-        return spikes if pool is None else pool(spikes.flatten(0, 1)).unflatten(0, spikes.shape[:2])
+        if pool is None or pooled:
+            return spikes
+        return pool(spikes.flatten(0, 1)).unflatten(0, spikes.shape[:2])
 
 
 class PLIF(_FreshStateMixin, neuron.ParametricLIFNode):

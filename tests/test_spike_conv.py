@@ -20,7 +20,7 @@ from statten.fast import native
 from statten.fast.functions import use_fused_neurons
 from statten.fast.kernels import lif_spikes
 from statten.fast.spike_conv import DECLINED_CALLS_SKIPPED, SpikeConv2d, integer_token_layers
-from statten.layers import conv_bn_lif
+from statten.layers import conv_bn_lif, conv_bn_pool_lif
 from statten.neurons import LIF
 
 SHAPES = [
@@ -171,32 +171,41 @@ POOLS = [(3, 2, 1), (2, 2, 0), (3, 1, 1), (4, 3, 2)]
 @needs_c_compiler
 @pytest.mark.parametrize(("kernel", "channels", "size", "density"), SHAPES)
 @pytest.mark.parametrize("pool", POOLS, ids=str)
+@pytest.mark.parametrize("pool_first", [False, True])
 def test_spike_conv_pools_the_lif_spikes_in_its_kernel(
-    kernel: int, channels: tuple[int, int], size: int, density: float, pool: tuple[int, ...]
+    kernel: int,
+    channels: tuple[int, int],
+    size: int,
+    density: float,
+    pool: tuple[int, ...],
+    pool_first: bool,
 ) -> None:
-    """Bit for bit ``max_pool2d`` of the unpooled spikes, whatever rows each thread takes (a
-    thread's rows span samples: 5 per step)."""
+    """Bit for bit ``max_pool2d`` of the unpooled spikes (or, ``pool_first``, the LIF's spikes
+    of the pooled output), whatever rows each thread takes (they span samples: 5 per step)."""
     torch.manual_seed(0)
     spike_conv = SpikeConv2d(*channels, kernel, padding=kernel // 2, max_density=1.0)
     x = (torch.rand(3 * 5, channels[0], size + 2, size + 3) < density).float()
     x = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
-        spikes = spike_conv.lif_spikes(x, 3, 0.5, 2.0)
-        pooled = spike_conv.lif_spikes(x, 3, 0.5, 2.0, torch.nn.MaxPool2d(*pool))
-    assert spikes is not None and pooled is not None
-    assert torch.equal(pooled, F.max_pool2d(spikes, *pool))
+        pooled = spike_conv.lif_spikes(x, 3, 0.5, 2.0, torch.nn.MaxPool2d(*pool), pool_first)
+        if pool_first:
+            sums = F.max_pool2d(spike_conv(x), *pool)
+            expected = lif_spikes(sums.unflatten(0, (3, 5)), 0.5, 2.0).flatten(0, 1)
+        else:
+            expected = F.max_pool2d(spike_conv.lif_spikes(x, 3, 0.5, 2.0), *pool)
+    assert pooled is not None and torch.equal(pooled, expected)
     assert pooled.is_contiguous(memory_format=torch.channels_last)
 
 
 @needs_c_compiler
-def test_spike_conv_pools_in_torch_what_its_kernel_does_not_take() -> None:
+def test_spike_conv_leaves_pools_its_kernel_does_not_run_to_its_caller() -> None:
     torch.manual_seed(0)
     spike_conv = SpikeConv2d(16, 32, 3, padding=1, max_density=1.0)
     x = (torch.rand(4, 16, 9, 9) < 0.2).float().contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
-        spikes = spike_conv.lif_spikes(x, 2, 1.0, 2.0)
         for pool in (torch.nn.MaxPool2d(3, 2, 1, ceil_mode=True), torch.nn.MaxPool2d((3, 2))):
-            assert torch.equal(spike_conv.lif_spikes(x, 2, 1.0, 2.0, pool), pool(spikes))
+            assert spike_conv.lif_spikes(x, 2, 1.0, 2.0, pool) is None
+    assert spike_conv._dense_calls_left == 0  # not a declined input
     with pytest.raises(ValueError, match="max pooling"):
         native.spike_conv2d(x, spike_conv.weight.permute(2, 3, 1, 0).contiguous(), None, 1, 1.0,
                             (2, 1.0, 2.0), (2, 2, 2))  # fmt: skip
@@ -244,7 +253,7 @@ def test_fast_inference_pools_inside_the_spike_conv_unless_a_hook_sees_the_lif_s
     x = (torch.rand(4, 2, 16, 8, 8) < 0.2).float()
     x = x.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, (4, 2))
     pools, real = [], conv.lif_spikes
-    conv.lif_spikes = lambda *args: pools.append(args[-1]) or real(*args)
+    conv.lif_spikes = lambda *args: pools.append(args[4]) or real(*args)
     seen = []
     with torch.inference_mode():
         pooled_inside = conv_bn_lif(conv, torch.nn.Identity(), lif, x, pool=pool)
@@ -255,6 +264,29 @@ def test_fast_inference_pools_inside_the_spike_conv_unless_a_hook_sees_the_lif_s
     assert seen == [torch.Size((4, 2, 32, 8, 8))]  # a spike recorder sees the unpooled spikes
     assert torch.equal(pooled_inside, pooled_after)
     assert pooled_inside.shape == (4, 2, 32, 4, 4)
+
+
+@needs_c_compiler
+def test_fast_inference_pools_before_the_lif_inside_the_spike_conv_unless_hooked() -> None:
+    """QKFormer's pooled units: ``lif(pool(bn(conv(x))))``, as the unfused layers compute it."""
+    torch.manual_seed(0)
+    conv = SpikeConv2d(16, 32, 3, padding=1, max_density=1.0)
+    lif, pool = LIF(0.5), torch.nn.MaxPool2d(3, 2, 1)
+    x = (torch.rand(4, 2, 16, 8, 8) < 0.2).float()
+    x = x.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, (4, 2))
+    with torch.inference_mode():
+        unfused = conv_bn_pool_lif(conv, torch.nn.Identity(), pool, lif, x)
+    use_fused_neurons(lif, True)
+    formed, real = [], conv.lif_spikes
+    conv.lif_spikes = lambda *args: formed.append(real(*args)) or formed[-1]
+    with torch.inference_mode():
+        fused = conv_bn_pool_lif(conv, torch.nn.Identity(), pool, lif, x)
+        handle = pool.register_forward_hook(lambda *args: None)  # a hook sees the pooled sums
+        hooked = conv_bn_pool_lif(conv, torch.nn.Identity(), pool, lif, x)
+        handle.remove()
+    assert len(formed) == 1 and formed[0] is not None
+    assert fused.shape == (4, 2, 32, 4, 4)
+    assert torch.equal(fused, unfused) and torch.equal(hooked, unfused)
 
 
 @needs_c_compiler
@@ -293,8 +325,8 @@ def _counting_spike_convs(calls: list[bool]) -> Iterator[None]:
     """Record, for each call of the C spike convolution, whether it ran (True) or declined."""
     real = native.spike_conv2d
 
-    def counting(*args: Any) -> torch.Tensor | None:
-        out = real(*args)
+    def counting(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+        out = real(*args, **kwargs)
         calls.append(out is not None)
         return out
 
@@ -378,8 +410,8 @@ def _counting_kernels(calls: list[str]) -> Iterator[None]:
     real = native.spike_conv2d, native.spike_conv2d_weight_grad
 
     def counting(name: str, kernel: Any) -> Any:
-        def run(*args: Any) -> torch.Tensor | None:
-            out = kernel(*args)
+        def run(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+            out = kernel(*args, **kwargs)
             if out is not None:
                 calls.append(name)
             return out

@@ -195,25 +195,30 @@ def fused_conv_bn_lif(
     neuron: tuple[float, float, float],
     recompute: bool = False,
     pool: nn.MaxPool2d | None = None,
+    pool_first: bool = False,
 ) -> torch.Tensor:
     """Spikes of a LIF layer fed ``bn(conv(x))`` per time step of ``x [T, B, C, H, W]``.
 
     ``neuron`` is ``(v_threshold, tau, alpha)``. With ``recompute`` the conv output is not stored
     but recomputed in backward: one more convolution for ``4 * numel`` fewer bytes. With
     ``pool`` the spikes are max-pooled per time step inside the layer, so that backward holds
-    the gradient of the full-size spikes only while it needs it.
+    the gradient of the full-size spikes only while it needs it; with ``pool_first`` the LIF is
+    fed ``pool(bn(conv(x)))`` instead (outside autograd only).
     """
-    if not _fusable(conv, bn, x):
+    if pool_first or not _fusable(conv, bn, x):
         # conv's output is this layer's own temporary unless a hook sees it: the spikes may be
         # formed inside a spike-driven conv, or else overwrite its output
-        owned = not any(m._forward_hooks for m in (conv, bn)) and not _global_forward_hooks
+        hooked = (conv, bn, pool) if pool_first else (conv, bn)
+        owned = not any(m._forward_hooks for m in hooked) and not _global_forward_hooks
         spikes = None
         if owned and isinstance(conv, SpikeConv2d) and isinstance(bn, nn.Identity):
-            spikes = conv.lif_spikes(x.flatten(0, 1), x.shape[0], *neuron[:2], pool)
+            spikes = conv.lif_spikes(x.flatten(0, 1), x.shape[0], *neuron[:2], pool, pool_first)
         if spikes is None:
             y = bn(conv(x.flatten(0, 1)))
+            y = max_pool(pool, y) if pool_first else y
             spikes = fused_lif(y.unflatten(0, x.shape[:2]), *neuron, overwrite_input=owned)
-            spikes = spikes.flatten(0, 1) if pool is None else max_pool(pool, spikes.flatten(0, 1))
+            spikes = spikes.flatten(0, 1)
+            spikes = max_pool(pool, spikes) if pool is not None and not pool_first else spikes
         spikes = spikes.unflatten(0, x.shape[:2])
         return spikes if pool is None else mark_spikes(spikes)
     bn.num_batches_tracked.add_(1)

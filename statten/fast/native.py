@@ -345,11 +345,14 @@ def spike_conv2d(
     max_density: float,
     lif: tuple[int, float, float] | None = None,
     pool: tuple[int, int, int] | None = None,
+    memory_format: torch.memory_format | None = None,
+    pool_first: bool = False,
 ) -> torch.Tensor | None:
     """``conv2d(x, w, bias, stride 1, padding)`` for spikes ``x``, adding the weights of the spikes
     (a spike count, an integer up to 255, as that many spikes).
 
-    ``x [N, C, H, W]`` float32 on CPU, contiguous or channels-last (the output takes its layout),
+    ``x [N, C, H, W]`` float32 on CPU, contiguous or channels-last (the output takes its layout
+    unless ``memory_format`` names one),
     ``weight`` laid out ``[kh, kw, C, C_out]`` (contiguous). None when ``x`` holds another value
     than a count or more than ``max_density`` spikes per element: the caller then runs the dense
     convolution.
@@ -357,7 +360,9 @@ def spike_conv2d(
     the result is instead the spikes of a LIF fed the output over the ``steps`` time-major
     blocks of ``N``, equal to :func:`lif_spikes` of it, formed while each output is in cache;
     ``pool = (kernel, stride, padding)`` then max-pools them in the kernel too, so that the
-    full-size spikes are never written (equal to ``max_pool2d`` of them).
+    full-size spikes are never written (equal to ``max_pool2d`` of them); with ``pool_first``
+    the LIF is fed the max-pooled output instead (equal to :func:`lif_spikes` of
+    ``max_pool2d`` of it).
     """
     x = _in_kernel_layout(x)
     n, cin, h, w = x.shape
@@ -365,7 +370,9 @@ def spike_conv2d(
     if lif is None:
         if pool is not None:
             raise ValueError("a spike convolution pools the spikes of its LIF only")
-        layout = torch.contiguous_format if x.is_contiguous() else torch.channels_last
+        layout = memory_format or (
+            torch.contiguous_format if x.is_contiguous() else torch.channels_last
+        )
     elif x.is_contiguous(memory_format=torch.channels_last) and n % lif[0] == 0:
         layout = torch.channels_last
     else:
@@ -383,7 +390,7 @@ def spike_conv2d(
             x.data_ptr(), _strides(x), n, h, w, cin, weight.data_ptr(),
             None if bias is None else bias.data_ptr(), cout, kh, kw, padding,
             out.data_ptr(), _strides(out), max_density, steps, v_threshold, tau,
-            (ctypes.c_int64 * 3)(*(pool or (0, 0, 0))), torch.get_num_threads(),
+            (ctypes.c_int64 * 4)(*(pool or (0, 0, 0)), pool_first), torch.get_num_threads(),
         )  # fmt: skip
     if status < 0:
         raise MemoryError("statten: out of memory in the spike convolution")

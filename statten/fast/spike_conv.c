@@ -62,7 +62,8 @@ typedef struct {
     int64_t steps; /* > 0: the output is the spikes of a LIF over the images t * n / steps + b */
     float v_threshold, tau;
     int64_t pool_k, pool_s, pool_p; /* pool_k > 0: those spikes max-pooled (kernel, stride, pad) */
-    int64_t poh, pow; /* the pooled grid */
+    int64_t pool_first;               /* instead: the LIF fed the max-pooled sums */
+    int64_t poh, pow;                 /* the pooled grid */
 } Conv;
 
 /* Input positions are scanned in blocks, channel by channel, so that both layouts read memory
@@ -249,10 +250,12 @@ static inline __attribute__((always_inline)) void lif_channel_tile(const Conv *c
     }
 }
 
-/* The LIF spikes of conv output row oy of sample b, every step and column, channels [c0, c0 +
- * V * LANES), into rows[t][oy % pool_k][ox] (V * LANES floats each). */
-static inline __attribute__((always_inline)) void lif_row(const Conv *c, int64_t b, int64_t oy,
-                                                          int64_t c0, float *rows, const int V) {
+/* Conv output row oy of sample b, every step and column, channels [c0, c0 + V * LANES), into
+ * rows[t][oy % pool_k][ox] (V * LANES floats each): the sums, or (unless pool_first) the LIF's
+ * spikes of them. */
+static inline __attribute__((always_inline)) void pooled_row(const Conv *c, int64_t b, int64_t oy,
+                                                             int64_t c0, float *rows,
+                                                             const int V) {
     const int64_t batch = c->n / c->steps, tile = V * LANES;
     for (int64_t ox = 0; ox < c->ow; ox++) {
         vec v[OUTPUT_VECS];
@@ -260,6 +263,7 @@ static inline __attribute__((always_inline)) void lif_row(const Conv *c, int64_t
         for (int64_t t = 0; t < c->steps; t++) {
             float *out = rows + ((t * c->pool_k + oy % c->pool_k) * c->ow + ox) * tile;
             output_tile(c, t * batch + b, oy, ox, c0, out, V);
+            if (c->pool_first) continue;
             for (int g = 0; g < V; g++) {
                 unaligned_vec *sums = (unaligned_vec *)(out + g * LANES);
                 *sums = lif_step(*sums, &v[g], c->tau, c->v_threshold);
@@ -268,11 +272,12 @@ static inline __attribute__((always_inline)) void lif_row(const Conv *c, int64_t
     }
 }
 
-/* As lif_channel_tile, with the spikes max-pooled: rows [begin, end) of the batch * poh pooled
- * rows. The conv rows that a pooled row's windows cover are formed into `rows` (steps * pool_k
- * rows of the tile, per thread) and kept for the next pooled row, whose windows overlap them, so
- * that neither the full-size spikes nor a second pass over them is ever written. The maximum is
- * taken in the windows' row-major order, as torch's max pooling does. */
+/* As lif_channel_tile, with the spikes max-pooled (or, with pool_first, the LIF fed the pooled
+ * sums): rows [begin, end) of the batch * poh pooled rows. The conv rows that a pooled row's
+ * windows cover are formed into `rows` (steps * pool_k rows of the tile, per thread) and kept
+ * for the next pooled row, whose windows overlap them, so that neither the full-size output nor
+ * a second pass over it is ever written. The maximum is taken in the windows' row-major order,
+ * as torch's max pooling does. */
 static inline __attribute__((always_inline)) void pooled_lif_channel_tile(const Conv *c,
                                                                           int64_t begin,
                                                                           int64_t end, int64_t c0,
@@ -286,11 +291,13 @@ static inline __attribute__((always_inline)) void pooled_lif_channel_tile(const 
         const int64_t lo = top < 0 ? 0 : top, hi = top + c->pool_k < c->oh ? top + c->pool_k : c->oh;
         if (b != sample || next_row < lo) next_row = lo;
         sample = b;
-        for (; next_row < hi; next_row++) lif_row(c, b, next_row, c0, rows, V);
+        for (; next_row < hi; next_row++) pooled_row(c, b, next_row, c0, rows, V);
         for (int64_t px = 0; px < c->pow; px++) {
             const int64_t left = px * c->pool_s - c->pool_p;
             const int64_t x_lo = left < 0 ? 0 : left;
             const int64_t x_hi = left + c->pool_k < c->ow ? left + c->pool_k : c->ow;
+            vec v[OUTPUT_VECS];
+            for (int g = 0; g < V; g++) v[g] = (vec){0};
             for (int64_t t = 0; t < c->steps; t++) {
                 vec m[OUTPUT_VECS];
                 for (int g = 0; g < V; g++) m[g] = (vec){0} - __builtin_inff();
@@ -306,7 +313,9 @@ static inline __attribute__((always_inline)) void pooled_lif_channel_tile(const 
                     }
                 float *out = c->out + (t * batch + b) * c->os.image +
                              (py * c->pow + px) * c->os.position + c0;
-                for (int g = 0; g < V; g++) *(unaligned_vec *)(out + g * LANES) = m[g];
+                for (int g = 0; g < V; g++)
+                    *(unaligned_vec *)(out + g * LANES) =
+                        c->pool_first ? lif_step(m[g], &v[g], c->tau, c->v_threshold) : m[g];
             }
         }
     }
@@ -413,7 +422,8 @@ static int list_spikes(Conv *c, double max_density, int threads) {
  * instead the spikes of a LIF (tau, v_threshold, hard reset to 0) fed that output over the
  * images t * n / steps + b, t = 0 .. steps - 1, of each b: bit for bit lif.c's spikes of the
  * output. pool[0] > 0 (with steps) max-pools those spikes, kernel pool[0], stride pool[1],
- * padding pool[2], into out (the pooled grid). x holds spikes or spike counts. Returns 0 when
+ * padding pool[2], into out (the pooled grid); with pool[3] the LIF is fed the max-pooled output
+ * instead. x holds spikes or spike counts. Returns 0 when
  * done, 1 (out untouched) when x holds a value that is not a count, 2 when x counts more than
  * max_density spikes per element (the dense convolution is then faster), 3 when cout is not a
  * multiple of 16 or the LIF's or pool's layout does not hold, -1 when out of memory.
@@ -435,6 +445,7 @@ int statten_spike_conv2d(const float *x, const int64_t *x_strides, int64_t n, in
     c.pool_k = pool[0];
     c.pool_s = pool[1];
     c.pool_p = pool[2];
+    c.pool_first = pool[3];
     if (c.pool_k) {
         c.poh = (c.oh + 2 * c.pool_p - c.pool_k) / c.pool_s + 1;
         c.pow = (c.ow + 2 * c.pool_p - c.pool_k) / c.pool_s + 1;

@@ -136,17 +136,19 @@ class _SpikeDrivenOutput:
         bias: torch.Tensor | None,
         padding: int,
         dense: Callable[[], torch.Tensor],
+        memory_format: torch.memory_format | None = None,
     ) -> torch.Tensor | None:
         """``conv2d(x, weight, bias, padding)`` for ``x [N, C, H, W]`` (detached) by the
         spike-driven kernel where the crossover picks it (measured against ``dense`` on the
-        first spike input), else None: the caller takes its dense product."""
+        first spike input), else None: the caller takes its dense product. The output is laid
+        out as ``x`` unless ``memory_format`` names a layout."""
         if self._dense_calls_left > 0:
             self._dense_calls_left -= 1
             return None
         taps = self._weight_per_tap(weight)
 
         def spike_driven(limit: float) -> torch.Tensor | None:
-            return native.spike_conv2d(x, taps, bias, padding, limit)
+            return native.spike_conv2d(x, taps, bias, padding, limit, memory_format=memory_format)
 
         out, self.max_density = _crossing(spike_driven, dense, x, self.max_density)
         if out is None and self.max_density:
@@ -225,30 +227,34 @@ class SpikeConv2d(_SpikeDrivenOutput, _IntegerProducts, nn.Conv2d):
         v_threshold: float,
         tau: float,
         pool: nn.MaxPool2d | None = None,
+        pool_first: bool = False,
     ) -> torch.Tensor | None:
         """Outside autograd, the spikes of a LIF (``v_threshold``, ``tau``) fed this layer's output
         for the channels-last ``x [steps * B, C, H, W]`` (time-major), max-pooled by ``pool`` if
-        given, formed inside the spike-driven kernel while each output is in cache (a square
-        pool too, so the full-size spikes are never written), when the layer's measured crossover
-        picks the spike-driven path for ``x``; else None (the caller runs the layer, then the
-        LIF). Equal to the LIF kernels' spikes of the spike-driven output, pooled."""
+        given (with ``pool_first``, the LIF fed the max-pooled output), formed inside the
+        spike-driven kernel while each output is in cache, so that the full-size output is never
+        written, when the layer's measured crossover picks the spike-driven path for ``x`` and
+        the kernel runs ``pool`` (square, floor mode, no dilation); else None (the caller runs
+        the layer, then the LIF). Equal to the LIF kernels' spikes of the spike-driven output
+        and ``max_pool2d``, in their order."""
+        square = None if pool is None else _square_pool(pool)
         if (
             torch.is_grad_enabled()
             or not self.max_density
             or self._dense_calls_left > 0
             or not self.handles(x)
             or not x.is_contiguous(memory_format=torch.channels_last)
+            or (pool is not None and square is None)
         ):
             return None
         bias = None if self.bias is None else self.bias.detach()
         taps = self._weight_per_tap(self.weight.detach())
         lif = (steps, v_threshold, tau)
-        square = None if pool is None else _square_pool(pool)
-        spikes = native.spike_conv2d(x, taps, bias, self.padding[0], self.max_density, lif, square)
+        spikes = native.spike_conv2d(
+            x, taps, bias, self.padding[0], self.max_density, lif, square, pool_first=pool_first
+        )
         if spikes is None:  # declined: the caller's own call of the layer does not count
             self._dense_calls_left = DECLINED_CALLS_SKIPPED + 1
-        elif pool is not None and square is None:
-            spikes = pool(spikes)
         return spikes
 
     def product(
@@ -351,8 +357,8 @@ class SpikeConv1d(_SpikeDrivenOutput, _IntegerProducts, nn.Conv1d):
 
         out = None
         if self.out_channels % 16 == 0 and not torch.is_grad_enabled():
-            out = self._spike_driven_output(x4, weight4, bias, 0, dense)
-        return dense() if out is None else contiguous(out)
+            out = self._spike_driven_output(x4, weight4, bias, 0, dense, torch.contiguous_format)
+        return dense() if out is None else out.squeeze(2)
 
 
 def _square_pool(pool: nn.MaxPool2d) -> tuple[int, int, int] | None:

@@ -31,6 +31,7 @@ from statten.attention import SpatioTemporalAttention
 from statten.layers import (
     ATTENTION_V_THRESHOLD,
     conv_bn_lif,
+    conv_bn_pool_lif,
     drop_path_per_sample,
     init_linear_trunc_normal,
     merge_heads,
@@ -237,7 +238,7 @@ class SpikingPatchEmbedding(nn.Module):
     def _unit(self, name: str, x: torch.Tensor) -> torch.Tensor:
         conv, bn, lif = (getattr(self, f"{name}_{part}") for part in ("conv", "bn", "lif"))
         if name in self.pooled:  # pooled between the BatchNorm and the neuron
-            return lif(per_step((conv, bn, getattr(self, f"{name}_maxpool")), x))
+            return conv_bn_pool_lif(conv, bn, getattr(self, f"{name}_maxpool"), lif, x)
         return conv_bn_lif(conv, bn, lif, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
