@@ -1,5 +1,6 @@
 """Shared fixtures and marks: the reference's golden vectors (copied from
-../shared/reference/golden), and a skip for machines that cannot build the C kernels."""
+../shared/reference/golden), a skip for machines that cannot build the C kernels, and C kernels
+that split even the tests' small calls over threads (so that the threaded paths are tested)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,18 @@ GOLDEN_CASES = ("static_statten", "static_sdt")
 needs_c_compiler = pytest.mark.skipif(
     native.library() is None, reason="the C kernels could not be built (no C compiler?)"
 )
+
+
+DEFAULT_THREAD_WORK = 1 << 18  # statten_thread_work in statten/fast/lif.c
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _kernels_split_every_call() -> Any:
+    if native.library() is not None:
+        native.set_thread_work(1)
+    yield
+    if native.library() is not None:
+        native.set_thread_work(DEFAULT_THREAD_WORK)
 
 
 def golden_model_config(config: dict[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import golden_model_config, needs_c_compiler
+from conftest import DEFAULT_THREAD_WORK, golden_model_config, needs_c_compiler
 
 import statten
 from statten import bench
@@ -449,6 +449,27 @@ def test_native_kernels_write_in_place_only_when_allowed() -> None:
     assert torch.equal(kept, x)
     result = lif_input_grad(grad, overwritten, 1.0, 2.0, 4.0, True)
     assert result.data_ptr() == overwritten.data_ptr()
+
+
+@needs_c_compiler
+def test_small_kernel_calls_run_on_one_thread_with_the_same_results() -> None:
+    """Below their work per thread, calls run on the calling thread alone: same results."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 2, 64, 5, 5) * 2
+    spikes = (torch.rand(8, 48, 6, 6) < 0.2).float().contiguous(memory_format=torch.channels_last)
+    taps = torch.randn(3, 3, 48, 32)
+
+    def results() -> list[torch.Tensor]:
+        pooled = native.spike_conv2d(spikes, taps, None, 1, 1.0, (4, 1.0, 2.0), (3, 2, 1))
+        return [lif_spikes(x, 1.0, 2.0), native.spike_conv2d(spikes, taps, None, 1, 1.0), pooled]
+
+    split = results()  # the tests' setting (conftest): every call split over the threads
+    native.set_thread_work(DEFAULT_THREAD_WORK)
+    try:
+        alone = results()
+    finally:
+        native.set_thread_work(1)
+    assert all(torch.equal(a, b) for a, b in zip(split, alone, strict=True))
 
 
 def test_without_a_c_compiler_the_kernels_fall_back_to_torch(

@@ -168,6 +168,7 @@ int statten_spatiotemporal_attention(const float *q, const float *k, const float
                                      int64_t dim, int64_t chunk, float scale, int threads) {
     Attention a = {q, k, v, out, {in[0], in[1], in[2], in[3]}, {os[0], os[1], os[2], os[3]},
                    batch, heads, tokens, dim, chunk, scale, 0};
-    parallel_for(attention_range, &a, steps / chunk * batch * heads, 1, threads);
+    parallel_for(attention_range, &a, steps / chunk * batch * heads, 1, 2 * chunk * tokens * dim,
+                 threads);
     return a.status;
 }

@@ -21,6 +21,11 @@
 
 #include "parallel.h"
 
+int64_t statten_thread_work = 1 << 18;
+
+/* Set the least work per thread of every kernel (see parallel.h); 1 splits every call. */
+void statten_set_thread_work(int64_t work) { statten_thread_work = work > 0 ? work : 1; }
+
 #define BLOCK 256
 
 /* Inner loops read element i of a row before writing element i of a row that may be the same
@@ -141,21 +146,21 @@ int statten_lif_spikes(const float *x, float *spikes, int64_t steps, int64_t n,
                        float v_threshold, float tau, const float *scale, const float *shift,
                        int64_t channels, int64_t inner, int threads) {
     Job job = {x, 0, spikes, 0, steps, n, v_threshold, tau, 0.0f, scale, shift, channels, inner};
-    return parallel_for(spikes_range, &job, n, BLOCK, threads);
+    return parallel_for(spikes_range, &job, n, BLOCK, steps, threads);
 }
 
 int statten_lif_charge(const float *x, float *out, uint8_t *below, int64_t steps, int64_t n,
                        float v_threshold, float tau, float alpha, const float *scale,
                        const float *shift, int64_t channels, int64_t inner, int threads) {
     Job job = {x, 0, out, below, steps, n, v_threshold, tau, alpha, scale, shift, channels, inner};
-    return parallel_for(charge_range, &job, n, BLOCK, threads);
+    return parallel_for(charge_range, &job, n, BLOCK, 2 * steps, threads);
 }
 
 int statten_lif_grad(const float *sig, const float *grad_spikes, const uint8_t *below,
                      float *grad_x, int64_t steps, int64_t n, float tau, float alpha,
                      int threads) {
     Job job = {sig, grad_spikes, grad_x, (uint8_t *)below, steps, n, 0.0f, tau, alpha, 0, 0, 1, 1};
-    return parallel_for(grad_range, &job, n, BLOCK, threads);
+    return parallel_for(grad_range, &job, n, BLOCK, 2 * steps, threads);
 }
 
 /* BatchNorm's linear terms, as torch's CPU kernel computes them: scale = invstd * weight,
@@ -211,5 +216,5 @@ static void stats_range(void *arg, int64_t begin, int64_t end) {
 int statten_batch_norm_stats(const float *x, int64_t images, int64_t channels, int64_t size,
                              float *mean, float *var_sum, int threads) {
     StatsJob job = {x, mean, var_sum, images, channels, size};
-    return parallel_for(stats_range, &job, channels, GROUP, threads);
+    return parallel_for(stats_range, &job, channels, GROUP, 2 * images * size, threads);
 }

@@ -49,6 +49,7 @@ __all__ = [
     "max_pool2d",
     "max_pool2d_channels_last",
     "max_unpool2d",
+    "set_thread_work",
     "small_integer_bytes",
     "spatiotemporal_attention",
     "spike_conv2d",
@@ -131,6 +132,7 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib.statten_spike_conv2d_weight_grad.argtypes = [
         ptr, ptr, i64, i64, i64, i64, ptr, ptr, i64, i64, i64, i64, ptr, ctypes.c_double, i32
     ]  # fmt: skip
+    lib.statten_set_thread_work.argtypes = [i64]
     lib.statten_small_integer_bytes.argtypes = [ptr, ptr, i64, i32]
     lib.statten_small_integer_bytes.restype = i64
     lib.statten_spatiotemporal_attention.argtypes = [
@@ -320,6 +322,13 @@ def max_unpool2d(grad_out: torch.Tensor, indices: torch.Tensor, size: torch.Size
             grad_x.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
     return grad_x
+
+
+def set_thread_work(work: int) -> None:
+    """Give each thread of a kernel call at least ``work`` elementary operations (default 2^18,
+    about what starting a thread costs): smaller calls run on fewer threads. ``1`` splits every
+    call over torch's threads (the tests do, to cover the threaded paths)."""
+    library().statten_set_thread_work(work)
 
 
 def _in_kernel_layout(x: torch.Tensor) -> torch.Tensor:

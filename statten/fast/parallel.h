@@ -1,7 +1,11 @@
 /*
  * parallel_for: split [0, total) into `threads` ranges, multiples of `grain`, run on POSIX
  * threads (the calling thread takes the last range). Plain pthreads rather than OpenMP, so the
- * kernels do not load a second OpenMP runtime next to torch's.
+ * kernels do not load a second OpenMP runtime next to torch's. A thread costs about 0.1 ms to
+ * start and join (a Sapphire Rapids VM: more than a LIF over 65,536 neurons and 4 steps takes on
+ * one), so each thread gets at least statten_thread_work (2^18) of `item_work` per item, a rough
+ * count of the elementary operations (loads, adds) of one item: small calls run on the calling
+ * thread alone.
  */
 #ifndef STATTEN_PARALLEL_H
 #define STATTEN_PARALLEL_H
@@ -10,6 +14,9 @@
 #include <stdint.h>
 
 #define STATTEN_MAX_THREADS 256
+
+/* The least work per thread (defined in lif.c; statten_set_thread_work changes it). */
+extern int64_t statten_thread_work;
 
 typedef void (*range_fn)(void *job, int64_t begin, int64_t end);
 
@@ -25,12 +32,15 @@ static void *run_task(void *arg) {
     return 0;
 }
 
-static int parallel_for(range_fn body, void *job, int64_t total, int64_t grain, int threads) {
+static int parallel_for(range_fn body, void *job, int64_t total, int64_t grain,
+                        int64_t item_work, int threads) {
     pthread_t ids[STATTEN_MAX_THREADS];
     int started[STATTEN_MAX_THREADS];
     Task tasks[STATTEN_MAX_THREADS];
     const int64_t chunks = (total + grain - 1) / grain;
+    const int64_t worth = (double)total * (double)item_work / (double)statten_thread_work;
     if (threads > chunks) threads = (int)chunks;
+    if (threads > worth) threads = (int)worth;
     if (threads > STATTEN_MAX_THREADS) threads = STATTEN_MAX_THREADS;
     if (threads < 1) threads = 1;
     for (int k = 0; k < threads; k++) {

@@ -181,14 +181,15 @@ int statten_max_pool2d(const float *x, int64_t planes, int64_t h, int64_t w, flo
     PoolJob job = {x, out, indices, 0, 0, h, w, oh, ow, kh, kw, sh, sw, ph, pw};
     const int usual = kh == 3 && kw == 3 && sh == 2 && sw == 2 && ph == 1 && pw == 1 &&
                       h % 2 == 0 && w % 2 == 0 && h * ow <= POOL_BATCH;
-    return parallel_for(usual ? pool_3x3_stride_2_range : pool_range, &job, planes, 1, threads);
+    return parallel_for(usual ? pool_3x3_stride_2_range : pool_range, &job, planes, 1,
+                        oh * ow * kh * kw, threads);
 }
 
 int statten_max_unpool2d(const float *grad_out, const int32_t *indices, int64_t planes,
                          int64_t h, int64_t w, int64_t oh, int64_t ow, float *grad_x,
                          int threads) {
     PoolJob job = {0, 0, (int32_t *)indices, grad_out, grad_x, h, w, oh, ow, 0, 0, 0, 0, 0, 0};
-    return parallel_for(unpool_range, &job, planes, 1, threads);
+    return parallel_for(unpool_range, &job, planes, 1, h * w, threads);
 }
 
 /* Channels-last max pooling, values only (inference): each output position takes, channel by
@@ -227,5 +228,5 @@ int statten_max_pool2d_channels_last(const float *x, int64_t n, int64_t h, int64
                                      float *out, int64_t oh, int64_t ow, int64_t kh, int64_t kw,
                                      int64_t sh, int64_t sw, int64_t ph, int64_t pw, int threads) {
     ChannelsLastPool job = {x, out, h, w, c, oh, ow, kh, kw, sh, sw, ph, pw};
-    return parallel_for(channels_last_range, &job, n * oh, 1, threads);
+    return parallel_for(channels_last_range, &job, n * oh, 1, ow * c * kh * kw, threads);
 }

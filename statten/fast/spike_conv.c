@@ -397,7 +397,7 @@ static int list_spikes(Conv *c, double max_density, int threads) {
     c->offsets = malloc((positions + 1) * sizeof(int64_t));
     c->masks = malloc(positions * ((c->cin + 63) / 64) * sizeof(uint64_t));
     int status = c->offsets && c->masks ? 0 : -1;
-    if (status == 0) parallel_for(mask_range, c, positions, 256, threads);
+    if (status == 0) parallel_for(mask_range, c, positions, 256, c->cin, threads);
     if (status == 0 && c->other_found) status = 1;
     for (int64_t p = 0; p < positions && status == 0; p++) {
         if (c->offsets[p + 1] < 0) status = 1;
@@ -409,7 +409,7 @@ static int list_spikes(Conv *c, double max_density, int threads) {
     if (status == 0 && !c->channels) status = -1;
     if (status == 0) {
         c->offsets[0] = 0;
-        parallel_for(list_range, c, positions, 256, threads);
+        parallel_for(list_range, c, positions, 256, c->cin, threads);
     }
     free(c->masks);
     if (status) free(c->offsets);
@@ -454,7 +454,11 @@ int statten_spike_conv2d(const float *x, const int64_t *x_strides, int64_t n, in
     const int status = list_spikes(&c, max_density, threads);
     if (status) return status;
     const int64_t rows = c.pool_k ? c.poh : c.oh;
-    parallel_for(conv_range, &c, (steps ? n / steps : n) * rows, 1, threads);
+    /* per row: its images and conv rows, times the vector adds of each output position */
+    const double spikes_per_position = (double)c.offsets[n * h * w] / (double)(n * h * w);
+    const int64_t row_work = (steps ? steps : 1) * (c.pool_k ? c.pool_s : 1) * c.ow * cout /
+                             LANES * (int64_t)(1.0 + kh * kw * spikes_per_position);
+    parallel_for(conv_range, &c, (steps ? n / steps : n) * rows, 1, row_work, threads);
     free(c.channels);
     free(c.offsets);
     return c.out_of_memory ? -1 : 0;
@@ -539,7 +543,7 @@ int statten_spike_conv2d_weight_grad(const float *x, const int64_t *x_strides, i
     const int status = list_spikes(&c, max_density, threads);
     if (status) return status;
     const int64_t tiles = (cout + VECS * LANES - 1) / (VECS * LANES);
-    parallel_for(weight_grad_range, &c, tiles, 1, threads);
+    parallel_for(weight_grad_range, &c, tiles, 1, n * c.oh * c.ow * kh * kw * VECS, threads);
     free(c.channels);
     free(c.offsets);
     return 0;
@@ -595,7 +599,7 @@ int64_t statten_small_integer_bytes(const float *x, uint8_t *out, int64_t n, int
     const int64_t chunks = (n + BYTES_GRAIN - 1) / BYTES_GRAIN;
     Bytes b = {x, out, malloc((chunks > 0 ? chunks : 1) * sizeof(int64_t)), 0};
     if (!b.bits_or) return -2;
-    parallel_for(bytes_range, &b, n, BYTES_GRAIN, threads);
+    parallel_for(bytes_range, &b, n, BYTES_GRAIN, 1, threads);
     int64_t bits_or = b.failed ? -1 : 0;
     for (int64_t k = 0; k < chunks && bits_or >= 0; k++)
         bits_or = b.bits_or[k] < 0 ? -1 : bits_or | b.bits_or[k];
