@@ -198,6 +198,21 @@ def test_spike_conv_pools_the_lif_spikes_in_its_kernel(
 
 
 @needs_c_compiler
+def test_spike_conv_pools_its_sums_with_torchs_rule_for_nan() -> None:
+    """A NaN in a window wins, as in ``max_pool2d``: the LIF after it never fires again."""
+    torch.manual_seed(0)
+    spike_conv = SpikeConv2d(16, 32, 3, padding=1, max_density=1.0)
+    with torch.no_grad():
+        spike_conv.weight[:4, 0, 1, 1] = float("nan")
+    x = (torch.rand(2 * 3, 16, 8, 8) < 0.3).float().contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        pooled = spike_conv.lif_spikes(x, 2, 0.5, 2.0, torch.nn.MaxPool2d(3, 2, 1), True)
+        sums = F.max_pool2d(spike_conv(x), 3, 2, 1)
+        expected = lif_spikes(sums.unflatten(0, (2, 3)), 0.5, 2.0).flatten(0, 1)
+    assert sums.isnan().any() and pooled is not None and torch.equal(pooled, expected)
+
+
+@needs_c_compiler
 def test_spike_conv_leaves_pools_its_kernel_does_not_run_to_its_caller() -> None:
     torch.manual_seed(0)
     spike_conv = SpikeConv2d(16, 32, 3, padding=1, max_density=1.0)

@@ -6,8 +6,9 @@
  * weight (a dense convolution), each output adds up the weights of the inputs that spiked: for
  * each output position and tile of output channels, over the kernel taps, over the list of input
  * channels that spiked at the tapped position. A spike count (a sum of spike tensors, as
- * residual connections make: an integer up to MAX_COUNT) is listed as that many spikes. The weight gradient adds, for each spike and tap,
- * the output gradient at the tapped output position into the weight row of the spike's channel.
+ * residual connections make: an integer up to MAX_COUNT) is listed as that many spikes. The
+ * weight gradient adds, for each spike and tap, the output gradient at the tapped output
+ * position into the weight row of the spike's channel.
  * The work is proportional to the number of spikes; the results equal the dense ones up to the
  * order of the additions.
  *
@@ -276,8 +277,8 @@ static inline __attribute__((always_inline)) void pooled_row(const Conv *c, int6
  * sums): rows [begin, end) of the batch * poh pooled rows. The conv rows that a pooled row's
  * windows cover are formed into `rows` (steps * pool_k rows of the tile, per thread) and kept
  * for the next pooled row, whose windows overlap them, so that neither the full-size output nor
- * a second pass over it is ever written. The maximum is taken in the windows' row-major order,
- * as torch's max pooling does. */
+ * a second pass over it is ever written. The maximum is taken in the windows' row-major order
+ * with torch's rule (a larger value or a NaN replaces it), so it is torch's to the bit. */
 static inline __attribute__((always_inline)) void pooled_lif_channel_tile(const Conv *c,
                                                                           int64_t begin,
                                                                           int64_t end, int64_t c0,
@@ -307,7 +308,7 @@ static inline __attribute__((always_inline)) void pooled_lif_channel_tile(const 
                             rows + ((t * c->pool_k + oy % c->pool_k) * c->ow + ox) * tile;
                         for (int g = 0; g < V; g++) {
                             const vec value = *(const unaligned_vec *)(in + g * LANES);
-                            const ivec above = value > m[g];
+                            const ivec above = (value > m[g]) | (value != value); /* NaN */
                             m[g] = (vec)(((ivec)value & above) | ((ivec)m[g] & ~above));
                         }
                     }
