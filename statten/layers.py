@@ -16,6 +16,7 @@ from timm.layers import drop_path, trunc_normal_
 from torch import nn
 from torch.nn.modules.module import _global_forward_hooks
 
+from statten.fast.functions import fused_mlp
 from statten.fast.storage import storing_spikes
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "drop_path_per_sample",
     "init_linear_trunc_normal",
     "merge_heads",
+    "mlp_conv_bn_lif",
     "per_step",
     "split_heads",
 ]
@@ -62,6 +64,28 @@ def conv_bn_lif(
     else:
         spikes = lif(x, conv_bn=(conv, bn), recompute=recompute)
     return spikes if pool is None else per_step(pool, spikes)
+
+
+def mlp_conv_bn_lif(
+    first: tuple[nn.Module, nn.Module, nn.Module],
+    second: tuple[nn.Module, nn.Module, nn.Module],
+    x: torch.Tensor,
+    recompute: bool = False,
+) -> torch.Tensor:
+    """Two :func:`conv_bn_lif` layers in a row, ``first`` and ``second`` each ``(conv, bn,
+    lif)``: a spiking MLP. Outside autograd, with fused LIFs, fast inference may run both as one
+    spike-driven kernel that never writes the hidden spikes (:func:`~statten.fast.functions.
+    fused_mlp`)."""
+
+    def unfused() -> torch.Tensor:
+        return conv_bn_lif(*second, conv_bn_lif(*first, x, recompute), recompute)
+
+    fused = all(getattr(layer[2], "fused", False) for layer in (first, second))
+    if fused and not torch.is_grad_enabled():
+        spikes = fused_mlp(first, second, x, unfused)
+        if spikes is not None:
+            return spikes
+    return unfused()
 
 
 def conv_bn_pool_lif(

@@ -20,7 +20,7 @@ from statten.fast import native
 from statten.fast.functions import use_fused_neurons
 from statten.fast.kernels import lif_spikes
 from statten.fast.spike_conv import DECLINED_CALLS_SKIPPED, SpikeConv2d, integer_token_layers
-from statten.layers import conv_bn_lif, conv_bn_pool_lif
+from statten.layers import conv_bn_lif, conv_bn_pool_lif, mlp_conv_bn_lif
 from statten.neurons import LIF
 
 SHAPES = [
@@ -304,6 +304,77 @@ def test_fast_inference_pools_before_the_lif_inside_the_spike_conv_unless_hooked
     assert torch.equal(fused, unfused) and torch.equal(hooked, unfused)
 
 
+MLP_SHAPES = [(40, 400, 96), (70, 128, 48), (16, 64, 16)]
+
+
+def _mlp(widths: tuple[int, int, int]) -> tuple[SpikeConv2d, SpikeConv2d]:
+    """Two pointwise spike convolutions forced spike-driven, weights large enough to fire."""
+    first = SpikeConv2d(widths[0], widths[1], 1, max_density=1.0)
+    second = SpikeConv2d(widths[1], widths[2], 1, max_density=1.0)
+    with torch.no_grad():
+        first.weight.mul_(4)
+        second.weight.mul_(6)
+    return first, second
+
+
+@needs_c_compiler
+@pytest.mark.parametrize("widths", MLP_SHAPES, ids=str)
+def test_spike_mlp_forms_both_layers_spikes_in_one_kernel(widths: tuple[int, int, int]) -> None:
+    """Bit for bit the two spike-driven layers and their LIFs, the hidden spikes never written;
+    counts in, other values declined."""
+    torch.manual_seed(0)
+    first, second = _mlp(widths)
+    first.max_density_mlp = 1.0
+    counts = torch.randint(1, 3, (3 * 5, widths[0], 6, 7)) * (torch.rand(15, widths[0], 6, 7) < 0.3)
+    x = counts.float().contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        hidden = first.lif_spikes(x, 3, 0.3, 2.0)
+        expected = second.lif_spikes(hidden, 3, 0.7, 2.0)
+        spikes = first.mlp_spikes(second, x, 3, (0.3, 0.7), 2.0, lambda: expected)
+        declined = first.mlp_spikes(second, x * 0.5, 3, (0.3, 0.7), 2.0, lambda: expected)
+    assert 0.05 < hidden.mean() < 0.95 and 0.05 < expected.mean() < 0.95
+    assert spikes is not None and torch.equal(spikes, expected)
+    assert declined is None
+
+
+@needs_c_compiler
+def test_spike_mlp_measures_its_crossover_once_both_layers_have_theirs() -> None:
+    torch.manual_seed(0)
+    first, second = _mlp((32, 64, 32))
+    x = (torch.rand(6, 32, 5, 5) < 0.2).float().contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        second.max_density = None
+        assert first.mlp_spikes(second, x, 2, (1.0, 1.0), 2.0, lambda: x) is None
+        second.max_density = 1.0
+        unfused = first.lif_spikes(x, 2, 1.0, 2.0)
+        assert first.mlp_spikes(second, x.contiguous(), 2, (1.0, 1.0), 2.0, lambda: x) is None
+        timed = first.mlp_spikes(second, x, 2, (1.0, 1.0), 2.0, lambda: unfused)
+    assert timed is not None and first.max_density_mlp is not None
+    assert first.mlp_spikes(second, x, 2, (1.0, 1.0), 2.0, lambda: x) is None  # under autograd
+
+
+@needs_c_compiler
+def test_fast_inference_runs_an_mlp_as_one_kernel_unless_a_hook_sees_its_hidden_spikes() -> None:
+    torch.manual_seed(0)
+    convs = _mlp((32, 64, 32))
+    layers = [(conv, torch.nn.Identity(), LIF(0.5)) for conv in convs]
+    for _, _, lif in layers:
+        use_fused_neurons(lif, True)
+    convs[0].max_density_mlp = 1.0
+    x = (torch.rand(4, 2, 32, 6, 6) < 0.2).float()
+    x = x.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, (4, 2))
+    calls = []
+    with torch.inference_mode(), _counting_kernels(calls):
+        fused = mlp_conv_bn_lif(*layers, x)
+        seen = []
+        handle = layers[0][2].register_forward_hook(lambda *args: seen.append(args[2]))
+        unfused = mlp_conv_bn_lif(*layers, x)
+        handle.remove()
+    assert calls[0] == "spike_mlp" and "spike_mlp" not in calls[1:]
+    assert len(seen) == 1 and seen[0].shape == (4, 2, 64, 6, 6)
+    assert torch.equal(fused, unfused)
+
+
 @needs_c_compiler
 @pytest.mark.parametrize("token_major", [False, True])
 def test_pointwise_conv1d_adds_the_weights_of_its_spikes_outside_autograd(
@@ -421,8 +492,9 @@ def test_spike_conv_measures_the_weight_gradient_crossover_in_its_first_backward
 
 @contextlib.contextmanager
 def _counting_kernels(calls: list[str]) -> Iterator[None]:
-    """Record which spike-driven C kernel ran (``"output"``, ``"weight_grad"``), each time."""
-    real = native.spike_conv2d, native.spike_conv2d_weight_grad
+    """Record which spike-driven C kernel ran (``"output"``, ``"weight_grad"``, ``"spike_mlp"``),
+    each time."""
+    real = native.spike_conv2d, native.spike_conv2d_weight_grad, native.spike_mlp
 
     def counting(name: str, kernel: Any) -> Any:
         def run(*args: Any, **kwargs: Any) -> torch.Tensor | None:
@@ -435,10 +507,11 @@ def _counting_kernels(calls: list[str]) -> Iterator[None]:
 
     native.spike_conv2d = counting("output", real[0])
     native.spike_conv2d_weight_grad = counting("weight_grad", real[1])
+    native.spike_mlp = counting("spike_mlp", real[2])
     try:
         yield
     finally:
-        native.spike_conv2d, native.spike_conv2d_weight_grad = real
+        native.spike_conv2d, native.spike_conv2d_weight_grad, native.spike_mlp = real
 
 
 TINY_SDT = {"img_size": 16, "embed_dims": 64, "num_heads": 4, "depths": 1, "num_classes": 5, "T": 2}

@@ -54,6 +54,7 @@ __all__ = [
     "spatiotemporal_attention",
     "spike_conv2d",
     "spike_conv2d_weight_grad",
+    "spike_mlp",
 ]
 
 SOURCES = [
@@ -131,6 +132,10 @@ def _bind(path: Path) -> ctypes.CDLL:
     ]  # fmt: skip
     lib.statten_spike_conv2d_weight_grad.argtypes = [
         ptr, ptr, i64, i64, i64, i64, ptr, ptr, i64, i64, i64, i64, ptr, ctypes.c_double, i32
+    ]  # fmt: skip
+    lib.statten_spike_mlp.argtypes = [
+        ptr, ptr, i64, i64, i64, i64, ptr, ptr, i64, ptr, ptr, i64, ptr, ptr, ctypes.c_double,
+        i64, f32, f32, f32, i32,
     ]  # fmt: skip
     lib.statten_set_thread_work.argtypes = [i64]
     lib.statten_small_integer_bytes.argtypes = [ptr, ptr, i64, i32]
@@ -403,6 +408,39 @@ def spike_conv2d(
         )  # fmt: skip
     if status < 0:
         raise MemoryError("statten: out of memory in the spike convolution")
+    return out if status == 0 else None
+
+
+def spike_mlp(
+    x: torch.Tensor,
+    weights: tuple[torch.Tensor, torch.Tensor],
+    biases: tuple[torch.Tensor | None, torch.Tensor | None],
+    max_density: float,
+    steps: int,
+    v_thresholds: tuple[float, float],
+    tau: float,
+) -> torch.Tensor | None:
+    """The spikes of ``lif2(conv2(lif1(conv1(x))))`` for two pointwise convolutions (``weights``
+    laid out ``[C_in, C_hidden]`` and ``[C_hidden, C_out]``, contiguous) and LIFs over the
+    ``steps`` time-major blocks of channels-last spikes ``x [N, C_in, H, W]``: the hidden spikes
+    are formed and consumed in cache, never written. Equal to :func:`spike_conv2d` with its LIF,
+    twice. None when ``x`` is not spike counts or has more than ``max_density`` spikes per
+    element."""
+    if not x.is_contiguous(memory_format=torch.channels_last) or x.shape[0] % steps:
+        raise ValueError("a spike MLP needs channels-last time-major images")
+    n, cin, h, w = x.shape
+    (hidden_weight, out_weight), (hidden_bias, out_bias) = weights, biases
+    out = torch.empty((n, out_weight.shape[1], h, w), memory_format=torch.channels_last)
+    with record_function("statten::spike_mlp"):
+        status = library().statten_spike_mlp(
+            x.data_ptr(), _strides(x), n, h, w, cin, hidden_weight.data_ptr(),
+            None if hidden_bias is None else hidden_bias.data_ptr(), hidden_weight.shape[1],
+            out_weight.data_ptr(), None if out_bias is None else out_bias.data_ptr(),
+            out_weight.shape[1], out.data_ptr(), _strides(out), max_density, steps,
+            *v_thresholds, tau, torch.get_num_threads(),
+        )  # fmt: skip
+    if status < 0:
+        raise MemoryError("statten: out of memory in the spike MLP")
     return out if status == 0 else None
 
 

@@ -465,6 +465,121 @@ int statten_spike_conv2d(const float *x, const int64_t *x_strides, int64_t n, in
     return c.out_of_memory ? -1 : 0;
 }
 
+/* A spiking MLP's two pointwise layers in one pass: for each position of a sample, step by step,
+ * the hidden layer's sums (c: weight [cin][hidden], bias) feed its LIF, whose spikes, listed from
+ * their bits, feed the second layer's sums (weight2 [hidden][cout2], bias2) and LIF, whose spikes
+ * are written. The hidden spikes never leave the cache: the hidden layer, often 4x wider than the
+ * input and output, is neither written nor read back. */
+typedef struct {
+    Conv c; /* the hidden layer, its input listed; steps, tau, v_threshold: its LIF */
+    const float *weight2, *bias2;
+    int64_t cout2;
+    float v_threshold2;
+    volatile int out_of_memory;
+} Mlp;
+
+/* Sums of the listed inputs of position p over channels [c0, c0 + V * LANES) of a layer
+ * (weight rows of `width` floats, bias), fed to the LIF whose potentials are v: the spikes go to
+ * out. */
+static inline __attribute__((always_inline)) void mlp_tile(const float *weight, const float *bias,
+                                                           int64_t width, const int32_t *inputs,
+                                                           int64_t count, int64_t c0, float *v,
+                                                           float *out, float tau,
+                                                           float v_threshold, const int V) {
+    vec acc[OUTPUT_VECS];
+    for (int g = 0; g < V; g++)
+        acc[g] = bias ? *(const unaligned_vec *)(bias + c0 + g * LANES) : (vec){0};
+    for (int64_t q = 0; q < count; q++) {
+        const float *row = weight + (int64_t)inputs[q] * width + c0;
+        for (int g = 0; g < V; g++) acc[g] += *(const unaligned_vec *)(row + g * LANES);
+    }
+    for (int g = 0; g < V; g++) {
+        vec potential = *(unaligned_vec *)(v + c0 + g * LANES);
+        *(unaligned_vec *)(out + c0 + g * LANES) = lif_step(acc[g], &potential, tau, v_threshold);
+        *(unaligned_vec *)(v + c0 + g * LANES) = potential;
+    }
+}
+
+/* A layer of mlp_range over all its channels (a multiple of LANES), in tiles of up to
+ * OUTPUT_VECS vectors. */
+static void mlp_layer(const float *weight, const float *bias, int64_t width,
+                      const int32_t *inputs, int64_t count, float *v, float *out, float tau,
+                      float v_threshold) {
+    int64_t c0 = 0;
+    for (; c0 + OUTPUT_VECS * LANES <= width; c0 += OUTPUT_VECS * LANES)
+        mlp_tile(weight, bias, width, inputs, count, c0, v, out, tau, v_threshold, OUTPUT_VECS);
+    for (; c0 + VECS * LANES <= width; c0 += VECS * LANES)
+        mlp_tile(weight, bias, width, inputs, count, c0, v, out, tau, v_threshold, VECS);
+    for (; c0 < width; c0 += LANES)
+        mlp_tile(weight, bias, width, inputs, count, c0, v, out, tau, v_threshold, 1);
+}
+
+/* Positions [begin, end) of the batch * h * w positions of a sample, all steps. */
+static void mlp_range(void *arg, int64_t begin, int64_t end) {
+    Mlp *m = arg;
+    const Conv *c = &m->c;
+    const int64_t batch = c->n / c->steps, positions = c->h * c->w, hidden = c->cout;
+    float *buffer = malloc((2 * hidden + m->cout2) * sizeof(float));
+    int32_t *listed = malloc(hidden * sizeof(int32_t));
+    if (!buffer || !listed) m->out_of_memory = 1;
+    float *v1 = buffer, *spikes = buffer + hidden, *v2 = buffer + 2 * hidden;
+    for (int64_t unit = begin; unit < end && buffer && listed; unit++) {
+        const int64_t b = unit / positions, position = unit % positions;
+        memset(v1, 0, hidden * sizeof(float));
+        memset(v2, 0, m->cout2 * sizeof(float));
+        for (int64_t t = 0; t < c->steps; t++) {
+            const int64_t image = t * batch + b, p = image * positions + position;
+            mlp_layer(c->weight, c->bias, hidden, c->channels + c->offsets[p],
+                      c->offsets[p + 1] - c->offsets[p], v1, spikes, c->tau, c->v_threshold);
+            int64_t count = 0;
+            for (int64_t k = 0; k < hidden; k += 64) {
+                uint64_t other = 0;
+                const int64_t width = hidden - k < 64 ? hidden - k : 64;
+                for (uint64_t bits = spike_bits(spikes + k, width, &other); bits; bits &= bits - 1)
+                    listed[count++] = (int32_t)(k + __builtin_ctzll(bits));
+            }
+            float *out = c->out + image * c->os.image + position * c->os.position;
+            mlp_layer(m->weight2, m->bias2, m->cout2, listed, count, v2, out, c->tau,
+                      m->v_threshold2);
+        }
+    }
+    free(buffer);
+    free(listed);
+}
+
+/*
+ * out = the spikes of lif2(conv2(lif1(conv1(x)))) for pointwise conv1 (weight [cin][hidden],
+ * bias) and conv2 (weight2 [hidden][cout2], bias2), LIFs with tau and v_threshold /
+ * v_threshold2 over the images t * n / steps + b of each b; x (spikes or spike counts) and out
+ * channels-last; hidden and cout2 multiples of 16. Bit for bit the spike-driven convolutions'
+ * sums and the LIF kernels' spikes, in that order. Returns as statten_spike_conv2d does.
+ */
+int statten_spike_mlp(const float *x, const int64_t *x_strides, int64_t n, int64_t h, int64_t w,
+                      int64_t cin, const float *weight, const float *bias, int64_t hidden,
+                      const float *weight2, const float *bias2, int64_t cout2, float *out,
+                      const int64_t *out_strides, double max_density, int64_t steps,
+                      float v_threshold, float v_threshold2, float tau, int threads) {
+    if (hidden % LANES || cout2 % LANES || steps < 1 || n % steps || out_strides[1] != 1)
+        return 3;
+    Mlp m = {{x, weight, bias, out, 0,
+              {x_strides[0], x_strides[1], x_strides[2]},
+              {out_strides[0], out_strides[1], out_strides[2]},
+              n, h, w, cin, hidden, 1, 1, 0, h, w, 0, 0},
+             weight2, bias2, cout2, v_threshold2, 0};
+    m.c.steps = steps;
+    m.c.v_threshold = v_threshold;
+    m.c.tau = tau;
+    const int status = list_spikes(&m.c, max_density, threads);
+    if (status) return status;
+    const double spikes_per_position = (double)m.c.offsets[n * h * w] / (double)(n * h * w);
+    const int64_t unit_work =
+        steps * (hidden + cout2) / LANES * (int64_t)(2.0 + spikes_per_position);
+    parallel_for(mlp_range, &m, n / steps * h * w, 1, unit_work, threads);
+    free(m.c.channels);
+    free(m.c.offsets);
+    return m.out_of_memory ? -1 : 0;
+}
+
 /* Weight gradient, output channels [c0, c0 + V * LANES): for each output position, its output
  * gradient (gathered per COLUMNS columns unless channels-last) is added, at each tap, into the
  * weight rows of the channels that spiked at the tapped input position (the tile's rows of every

@@ -186,6 +186,7 @@ class SpikeConv2d(_SpikeDrivenOutput, _IntegerProducts, nn.Conv2d):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.max_density_weight_grad: float | None = None
+        self.max_density_mlp: float | None = None
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> SpikeConv2d:
@@ -255,6 +256,45 @@ class SpikeConv2d(_SpikeDrivenOutput, _IntegerProducts, nn.Conv2d):
         )
         if spikes is None:  # declined: the caller's own call of the layer does not count
             self._dense_calls_left = DECLINED_CALLS_SKIPPED + 1
+        return spikes
+
+    def mlp_spikes(
+        self,
+        second: SpikeConv2d,
+        x: torch.Tensor,
+        steps: int,
+        v_thresholds: tuple[float, float],
+        tau: float,
+        unfused: Callable[[], torch.Tensor],
+    ) -> torch.Tensor | None:
+        """Outside autograd, the spikes of a LIF (``v_thresholds[1]``, ``tau``) fed ``second``'s
+        output for the spikes of a LIF (``v_thresholds[0]``) fed this layer's, both pointwise,
+        for the channels-last ``x [steps * B, C, H, W]`` (time-major), in one kernel that never
+        writes the hidden spikes (``native.spike_mlp``), while ``x``'s density is below the
+        crossover ``max_density_mlp`` measured against ``unfused`` (the two layers one after
+        the other, once both have measured their own paths); else None."""
+        pointwise = all(
+            layer.kernel_size == (1, 1) and layer.padding == (0, 0) for layer in (self, second)
+        )
+        if (
+            torch.is_grad_enabled()
+            or not pointwise
+            or self.max_density is None
+            or second.max_density is None
+            or not (self.handles(x) and second.handles(x))  # x's shape aside, as its input
+            or second.in_channels != self.out_channels
+            or not x.is_contiguous(memory_format=torch.channels_last)
+        ):
+            return None
+        weights = tuple(
+            layer._weight_per_tap(layer.weight.detach()).flatten(0, 2) for layer in (self, second)
+        )
+        biases = tuple(_detached(layer.bias) for layer in (self, second))
+
+        def fused(limit: float) -> torch.Tensor | None:
+            return native.spike_mlp(x, weights, biases, limit, steps, v_thresholds, tau)
+
+        spikes, self.max_density_mlp = _crossing(fused, unfused, x, self.max_density_mlp)
         return spikes
 
     def product(

@@ -35,6 +35,7 @@ from statten.layers import (
     drop_path_per_sample,
     init_linear_trunc_normal,
     merge_heads,
+    mlp_conv_bn_lif,
     per_step,
     split_heads,
 )
@@ -373,10 +374,11 @@ class QKFormerMLP(nn.Module):
             setattr(self, f"{name}_lif", LIF())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for name in self.names:
-            layers = (getattr(self, f"{name}_{part}") for part in ("conv", "bn", "lif"))
-            x = conv_bn_lif(*layers, x, recompute=True)
-        return x
+        first, second = (
+            tuple(getattr(self, f"{name}_{part}") for part in ("conv", "bn", "lif"))
+            for name in self.names
+        )
+        return mlp_conv_bn_lif(first, second, x, recompute=True)
 
 
 class QKFormerBlock(nn.Module):
