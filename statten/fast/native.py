@@ -359,14 +359,12 @@ def spike_conv2d(
     max_density: float,
     lif: tuple[int, float, float] | None = None,
     pool: tuple[int, int, int] | None = None,
-    memory_format: torch.memory_format | None = None,
     pool_first: bool = False,
 ) -> torch.Tensor | None:
     """``conv2d(x, w, bias, stride 1, padding)`` for spikes ``x``, adding the weights of the spikes
     (a spike count, an integer up to 255, as that many spikes).
 
-    ``x [N, C, H, W]`` float32 on CPU, contiguous or channels-last (the output takes its layout
-    unless ``memory_format`` names one),
+    ``x [N, C, H, W]`` float32 on CPU, contiguous or channels-last (the output takes its layout),
     ``weight`` laid out ``[kh, kw, C, C_out]`` (contiguous). None when ``x`` holds another value
     than a count or more than ``max_density`` spikes per element: the caller then runs the dense
     convolution.
@@ -384,9 +382,7 @@ def spike_conv2d(
     if lif is None:
         if pool is not None:
             raise ValueError("a spike convolution pools the spikes of its LIF only")
-        layout = memory_format or (
-            torch.contiguous_format if x.is_contiguous() else torch.channels_last
-        )
+        layout = torch.contiguous_format if x.is_contiguous() else torch.channels_last
     elif x.is_contiguous(memory_format=torch.channels_last) and n % lif[0] == 0:
         layout = torch.channels_last
     else:

@@ -136,19 +136,17 @@ class _SpikeDrivenOutput:
         bias: torch.Tensor | None,
         padding: int,
         dense: Callable[[], torch.Tensor],
-        memory_format: torch.memory_format | None = None,
     ) -> torch.Tensor | None:
         """``conv2d(x, weight, bias, padding)`` for ``x [N, C, H, W]`` (detached) by the
         spike-driven kernel where the crossover picks it (measured against ``dense`` on the
-        first spike input), else None: the caller takes its dense product. The output is laid
-        out as ``x`` unless ``memory_format`` names a layout."""
+        first spike input), else None: the caller takes its dense product."""
         if self._dense_calls_left > 0:
             self._dense_calls_left -= 1
             return None
         taps = self._weight_per_tap(weight)
 
         def spike_driven(limit: float) -> torch.Tensor | None:
-            return native.spike_conv2d(x, taps, bias, padding, limit, memory_format=memory_format)
+            return native.spike_conv2d(x, taps, bias, padding, limit)
 
         out, self.max_density = _crossing(spike_driven, dense, x, self.max_density)
         if out is None and self.max_density:
@@ -376,7 +374,9 @@ class SpikeConv1d(_SpikeDrivenOutput, _IntegerProducts, nn.Conv1d):
     outside autograd, is spike-driven for spikes below its crossover (``max_density``, see
     :class:`SpikeConv2d`; with a multiple of 16 outputs), else for spikes and spike counts the
     exact int8 product where that measured faster (``integer_products``); otherwise, and in
-    training, the plain layer's. Its outputs are contiguous, as the plain layer's."""
+    training, the plain layer's. Those two products leave their output in their input's layout
+    (token-major for the tokens of a channels-last model, which the attention kernel then reads
+    where they lie), where the plain layer's is contiguous: the families' views take both."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pointwise = (self.kernel_size, self.stride, self.padding, self.groups) == (
@@ -387,17 +387,14 @@ class SpikeConv1d(_SpikeDrivenOutput, _IntegerProducts, nn.Conv1d):
         x4, weight4 = x.detach()[:, :, None], self.weight.detach()[..., None]
         bias = _detached(self.bias)
 
-        def contiguous(out: torch.Tensor) -> torch.Tensor:
-            return out.squeeze(2).contiguous()  # models view Conv1d outputs freely
-
         def dense() -> torch.Tensor:
             float32 = functools.partial(self._conv_forward, x, weight4.squeeze(3), bias)
-            out = self._integer_product(x4, weight4, bias, 0, float32, contiguous)
+            out = self._integer_product(x4, weight4, bias, 0, float32, lambda y: y.squeeze(2))
             return float32() if out is None else out
 
         out = None
         if self.out_channels % 16 == 0 and not torch.is_grad_enabled():
-            out = self._spike_driven_output(x4, weight4, bias, 0, dense, torch.contiguous_format)
+            out = self._spike_driven_output(x4, weight4, bias, 0, dense)
         return dense() if out is None else out.squeeze(2)
 
 

@@ -280,7 +280,7 @@ class TokenQKAttention(nn.Module):
         T, B, C, N = q.shape
         heads = (T, B, self.num_heads, C // self.num_heads, N)
         mask = self.attn_lif(q.view(heads).sum(dim=3, keepdim=True))  # [T, B, heads, 1, N]
-        y = (mask * k.view(heads)).view(T, B, C, N)
+        y = (k.view(heads) * mask).reshape(T, B, C, N)  # in k's layout: a view
         out = conv_bn_lif(self.proj_conv, self.proj_bn, self.proj_lif, y, recompute=True)
         return out.view(x.shape)
 
