@@ -246,7 +246,7 @@ class SpikeConv2d(_SpikeDrivenOutput, _IntegerProducts, nn.Conv2d):
             or (pool is not None and square is None)
         ):
             return None
-        bias = None if self.bias is None else self.bias.detach()
+        bias = _detached(self.bias)
         taps = self._weight_per_tap(self.weight.detach())
         lif = (steps, v_threshold, tau)
         spikes = native.spike_conv2d(
@@ -302,7 +302,7 @@ class SpikeConv2d(_SpikeDrivenOutput, _IntegerProducts, nn.Conv2d):
         is spikes at a density below the crossover, else (in eval mode) the faster of the float32
         and int8 products."""
         x, weight = x.detach(), weight.detach()
-        bias = None if bias is None else bias.detach()
+        bias = _detached(bias)
         if not self.handles(x):
             return self._conv_forward(x, weight, bias)
 
